@@ -1,0 +1,50 @@
+"""BPSApply: steer a MODEL with an adapter and a condition image."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..bps.schedule import make_schedule
+from .steering import attach_bps
+from .types import CATEGORY, BPSAdapterType, BPSOmegaType
+
+
+class BPSApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BPSApply",
+            display_name="Apply BPS",
+            category=CATEGORY,
+            description="Steer an SD1.5 model with a BPS adapter: the adapter turns the condition image into "
+                        "21 residuals added, with per-port weights, after every ResBlock and transformer of "
+                        "the UNet. Chain several to combine conditions.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 model. It is not modified; a steered copy is returned."),
+                BPSAdapterType.Input("bps_adapter", tooltip="From Load BPS Adapter."),
+                io.Image.Input("image", tooltip="The condition image (sketch, layout, segmentation, style). "
+                                                "Centre-cropped and resized to the latent; RGB becomes grey "
+                                                "for 1-channel adapters. One image, or one per latent."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Multiplies every port weight. 0 leaves the model exactly unchanged; "
+                                       "lower values give more diverse results."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress where steering starts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress where steering stops (1 = last step)."),
+                BPSOmegaType.Input("omega", optional=True,
+                                   tooltip="Port weights and curve from BPS Omega Schedule; default: the "
+                                           "adapter's own weights, constant."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where the steering acts (1) and where not (0); one mask or one per latent."),
+            ],
+            outputs=[io.Model.Output(tooltip="The steered model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, bps_adapter, image, strength: float, start_percent: float, end_percent: float,
+                omega=None, mask=None) -> io.NodeOutput:
+        schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent)
+        if mask is not None and mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask))

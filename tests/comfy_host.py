@@ -1,0 +1,76 @@
+"""The real ComfyUI for integration tests: booted from $COMFYUI_PATH, never faked.
+
+Tests that need it take the ``comfy`` fixture (tests/conftest.py) and are skipped, with the reason
+shown, when COMFYUI_PATH is unset. ComfyUI is booted exactly as the trainer boots it
+(train/train_bps.py), and the pack is loaded through ComfyUI's own custom-node loader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_REASON = ("COMFYUI_PATH is not set: ComfyUI integration tests need a real ComfyUI checkout "
+               "(export COMFYUI_PATH=/path/to/ComfyUI, with its requirements installed)")
+
+
+def _trainer_entry():
+    """train/train_bps.py, loaded by path (it holds find_comfyui/boot_comfyui/import_pack)."""
+    name = "comfyui_bps_train_entry"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "train" / "train_bps.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def comfyui_path() -> Path | None:
+    """The ComfyUI checkout named by COMFYUI_PATH, or None."""
+    env = os.environ.get("COMFYUI_PATH")
+    return Path(env).expanduser().resolve() if env else None
+
+
+def boot() -> None:
+    """Import ComfyUI (CPU mode without CUDA) as its main.py does."""
+    _trainer_entry().boot_comfyui(comfyui_path())
+
+
+def load_pack():
+    """Load this repo through ComfyUI's own custom-node loader; return the pack module."""
+    import nodes as comfy_nodes
+    name = str(ROOT).replace(".", "_x_")
+    if name not in sys.modules:
+        assert asyncio.run(comfy_nodes.load_custom_node(str(ROOT))), "ComfyUI failed to load the pack"
+    return sys.modules[name]
+
+
+def pack_module(pack, dotted: str):
+    """Submodule ``dotted`` (e.g. "nodes.steering") of the loaded pack."""
+    return importlib.import_module(f"{pack.__name__}.{dotted}")
+
+
+def random_sd15_model(seed: int = 0):
+    """A ComfyUI ModelPatcher around an SD1.5 BaseModel with seeded random weights (fp32)."""
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    random_checkpoint = _trainer_pack().train.random_checkpoint
+    config = comfy.model_detection.model_config_from_unet_config(dict(random_checkpoint.SD15_UNET_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    random_checkpoint._randomise(model.diffusion_model, torch.Generator().manual_seed(seed))
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def _trainer_pack():
+    pack = _trainer_entry().import_pack()
+    importlib.import_module(f"{pack.__name__}.train.random_checkpoint")
+    return pack

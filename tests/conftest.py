@@ -1,0 +1,48 @@
+"""Shared fixtures. ComfyUI fixtures skip, with the reason shown, when COMFYUI_PATH is unset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_host
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The real ComfyUI, booted once per session."""
+    if comfy_host.comfyui_path() is None:
+        pytest.skip(comfy_host.SKIP_REASON)
+    comfy_host.boot()
+    return comfy_host
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """This pack, loaded through ComfyUI's custom-node loader."""
+    return comfy.load_pack()
+
+
+@pytest.fixture(scope="session")
+def steering(pack, comfy):
+    return comfy.pack_module(pack, "nodes.steering")
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy):
+    """Random-weight SD1.5 ModelPatcher built from ComfyUI's classes (shared: never mutate it)."""
+    return comfy.random_sd15_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def full_adapter(pack):
+    """A full-width SD1.5 adapter whose output convs are non-zero, so it really steers."""
+    bps = pack.bps
+    net = bps.BPSNetwork(bps.BPSConfig())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
+    net.eval().requires_grad_(False)
+    return bps.Adapter(net, list(bps.PAPER_OMEGA), net.config, {}, None, "sketch")

@@ -1,0 +1,223 @@
+"""BPS steering against the real ComfyUI: the patched model equals a hand-run reference UNet.
+
+The reference runs the SD1.5 UNet's blocks one sub-layer at a time and adds each port's weighted
+residual after every ResBlock and SpatialTransformer, as the paper's rule says; it shares no code
+with nodes/steering.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+LATENT = 8  # 64x64 pixels keeps an SD1.5 UNet call around a second on 2 cores
+
+
+def _unet_inputs(batch_rows: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_rows, 4, LATENT, LATENT, generator=g)
+    context = torch.randn(batch_rows, 77, 768, generator=g)
+    return x, context
+
+
+def _forward(steering, model, x, t, context, cond_or_uncond):
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([model])
+    options = steering.transformer_options_for(model)
+    options["cond_or_uncond"] = list(cond_or_uncond)
+    with torch.no_grad():
+        return model.model.diffusion_model(x, t, context=context, transformer_options=options)
+
+
+def _reference(unet, x, t, context, adapters):
+    """adapters: list of (network, omega list, hint rows (B, C, H, W)) applied with constant weights."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    emb = unet.time_embed(timestep_embedding(t, 320, repeat_only=False).to(x.dtype))
+    residual = {}
+    for net, omega, hint in adapters:
+        for i, out in enumerate(net(hint, emb)):
+            residual[i] = residual.get(i, 0) + omega[i] * out
+    block_port = {("input", n): i for i, n in enumerate((1, 2, 4, 5, 7, 8, 10, 11))}
+    block_port[("middle", 0)] = 8
+    block_port.update({("output", n): 9 + n for n in range(12)})
+
+    def run(block, h, where, output_shape=None):
+        port = block_port.get(where)
+        for layer in block:
+            if type(layer).__name__ == "BPSInjectionPoint":
+                continue
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context, transformer_options={})
+            elif isinstance(layer, Upsample):
+                h = layer(h, output_shape=output_shape)
+            else:
+                h = layer(h)
+            if port is not None and port in residual and isinstance(layer, (ResBlock, SpatialTransformer)):
+                h = h + residual[port]
+        return h
+
+    with torch.no_grad():
+        hs, h = [], x
+        for n, block in enumerate(unet.input_blocks):
+            h = run(block, h, ("input", n))
+            hs.append(h)
+        h = run(unet.middle_block, h, ("middle", 0))
+        for n, block in enumerate(unet.output_blocks):
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = run(block, h, ("output", n), hs[-1].shape if hs else None)
+        return unet.out(h)
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _hint(batch, channels=1, seed=3):
+    return torch.rand(batch, channels, LATENT * 8, LATENT * 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pack_registers_through_comfyuis_loader(pack):
+    import folder_paths
+    import nodes as comfy_nodes
+    for node_id in ("BPSLoader", "BPSApply", "BPSOmegaSchedule"):
+        assert node_id in comfy_nodes.NODE_CLASS_MAPPINGS, node_id
+        schema = comfy_nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
+        assert schema.category == "conditioning/bps" and schema.description
+        assert all(i.tooltip for i in schema.inputs), node_id
+    assert folder_paths.folder_names_and_paths["bps"][1] == {".safetensors"}
+    apply_inputs = [i.id for i in comfy_nodes.NODE_CLASS_MAPPINGS["BPSApply"].GET_SCHEMA().inputs]
+    assert apply_inputs == ["model", "bps_adapter", "image", "strength", "start_percent", "end_percent",
+                            "omega", "mask"]
+
+
+@pytest.mark.parametrize("share_rows", [True, False])
+def test_patched_model_matches_reference_under_cfg_batch2(pack, steering, sd15, full_adapter, share_rows):
+    bps = pack.bps
+    x, context = _unet_inputs(4)               # [cond x2, uncond x2]
+    t = torch.tensor([700.0, 700.0, 700.0, 700.0])
+    hint = _hint(2)
+    steered = steering.attach_bps(sd15, full_adapter, hint, bps.make_schedule(full_adapter.omega),
+                                  share_rows=share_rows)
+    out = _forward(steering, steered, x, t, context, cond_or_uncond=[0, 1])
+    ref = _reference(sd15.model.diffusion_model, x, t, context,
+                     [(full_adapter.network, full_adapter.omega, hint.repeat(2, 1, 1, 1))])
+    plain = _forward(steering, sd15, x, t, context, [0, 1])
+    assert _rel_err(out, ref) < 1e-5
+    assert _rel_err(out, plain) > 1e-3  # the adapter really steers
+
+
+def test_cfg_sharing_runs_bphi_once_per_distinct_row(pack, steering, sd15, full_adapter):
+    rows_seen = []
+    handle = full_adapter.network.register_forward_pre_hook(lambda m, args: rows_seen.append(args[0].shape[0]))
+    try:
+        x, context = _unet_inputs(4)
+        t = torch.full((4,), 400.0)
+        outs = []
+        for share in (True, False):
+            steered = steering.attach_bps(sd15, full_adapter, _hint(2), pack.bps.make_schedule(full_adapter.omega),
+                                          share_rows=share)
+            outs.append(_forward(steering, steered, x, t, context, [0, 1]))
+    finally:
+        handle.remove()
+    assert rows_seen == [2, 4]
+    assert _rel_err(outs[0], outs[1]) < 1e-5  # fp32: batch-size-dependent kernels differ in the last bits
+
+
+def test_strength_zero_and_outside_range_are_bit_identical(pack, steering, sd15, full_adapter):
+    x, context = _unet_inputs(2)
+    t = torch.tensor([999.0, 999.0])
+    plain = _forward(steering, sd15, x, t, context, [0, 1])
+    for kwargs in ({"strength": 0.0}, {"start": 0.5, "end": 1.0}):
+        sched = pack.bps.make_schedule(full_adapter.omega, **kwargs)
+        steered = steering.attach_bps(sd15, full_adapter, _hint(1), sched)
+        assert torch.equal(_forward(steering, steered, x, t, context, [0, 1]), plain), kwargs
+
+
+def test_original_model_untouched_and_rerun_identical(pack, steering, sd15, full_adapter):
+    x, context = _unet_inputs(2)
+    t = torch.tensor([500.0, 500.0])
+    before = _forward(steering, sd15, x, t, context, [0, 1])
+    keys_before = set(sd15.model.state_dict())
+    steered = steering.attach_bps(sd15, full_adapter, _hint(1), pack.bps.make_schedule(full_adapter.omega))
+    first = _forward(steering, steered, x, t, context, [0, 1])
+    assert set(steered.model.state_dict()) == keys_before  # LoRA/weight-patch keys unchanged
+    after = _forward(steering, sd15, x, t, context, [0, 1])
+    again = _forward(steering, steered, x, t, context, [0, 1])
+    assert torch.equal(before, after)
+    assert torch.equal(first, again)
+    assert not sd15.object_patches and "patches" not in sd15.model_options["transformer_options"]
+
+
+def test_two_stacked_adapters_add_up(pack, steering, sd15, full_adapter):
+    bps = pack.bps
+    second = bps.Adapter(full_adapter.network, [0.5] * 21, full_adapter.config, {}, None, "layout")
+    hint_a, hint_b = _hint(1, seed=4), _hint(1, seed=5)
+    steered = steering.attach_bps(sd15, full_adapter, hint_a, bps.make_schedule(full_adapter.omega))
+    steered = steering.attach_bps(steered, second, hint_b, bps.make_schedule(second.omega))
+    x, context = _unet_inputs(2)
+    t = torch.tensor([300.0, 300.0])
+    out = _forward(steering, steered, x, t, context, [0, 1])
+    ref = _reference(sd15.model.diffusion_model, x, t, context,
+                     [(full_adapter.network, full_adapter.omega, hint_a.expand(2, -1, -1, -1)),
+                      (second.network, second.omega, hint_b.expand(2, -1, -1, -1))])
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_mask_limits_where_steering_acts(pack, steering, sd15, full_adapter):
+    x, context = _unet_inputs(2)
+    t = torch.tensor([600.0, 600.0])
+    sched = pack.bps.make_schedule(full_adapter.omega)
+    zero = steering.attach_bps(sd15, full_adapter, _hint(1), sched, mask=torch.zeros(1, 64, 64))
+    full = steering.attach_bps(sd15, full_adapter, _hint(1), sched, mask=torch.ones(1, 64, 64))
+    nomask = steering.attach_bps(sd15, full_adapter, _hint(1), sched)
+    plain = _forward(steering, sd15, x, t, context, [0, 1])
+    assert torch.equal(_forward(steering, zero, x, t, context, [0, 1]), plain)
+    assert torch.allclose(_forward(steering, full, x, t, context, [0, 1]),
+                          _forward(steering, nomask, x, t, context, [0, 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_rgb_hint_any_size_and_batch_errors(pack, steering, sd15, full_adapter):
+    bps = pack.bps
+    x, context = _unet_inputs(4)
+    t = torch.full((4,), 800.0)
+    rgb = torch.rand(1, 3, 100, 150)  # other size and aspect: centre-cropped and resized
+    steered = steering.attach_bps(sd15, full_adapter, rgb, bps.make_schedule(full_adapter.omega))
+    assert torch.isfinite(_forward(steering, steered, x, t, context, [0, 1])).all()
+    bad = steering.attach_bps(sd15, full_adapter, _hint(3), bps.make_schedule(full_adapter.omega))
+    with pytest.raises(bps.HintError, match="batch of 3 but the latent batch is 2"):
+        _forward(steering, bad, x, t, context, [0, 1])
+
+
+def test_odd_latent_size(pack, steering, sd15, full_adapter):
+    import comfy.model_management
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 9, 5, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    hint = torch.rand(1, 1, 72, 40, generator=g)
+    steered = steering.attach_bps(sd15, full_adapter, hint, pack.bps.make_schedule(full_adapter.omega))
+    out = _forward(steering, steered, x, t, context, [0, 1])
+    ref = _reference(sd15.model.diffusion_model, x, t, context,
+                     [(full_adapter.network, full_adapter.omega, hint.expand(2, -1, -1, -1))])
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_non_sd15_model_is_refused_with_a_clear_error(pack, steering, full_adapter):
+    import comfy.model_detection
+    import comfy.model_patcher
+    config = comfy.model_detection.model_config_from_unet_config({
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False})
+    with torch.device("meta"):
+        model = config.get_model({})
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
+    with pytest.raises(ValueError, match="this MODEL is SDXL.*not SD1.5-shaped"):
+        steering.attach_bps(patcher, full_adapter, _hint(1), pack.bps.make_schedule(full_adapter.omega))
