@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,3 +50,18 @@ def full_adapter(pack):
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
     net.eval().requires_grad_(False)
     return bps.Adapter(net, list(bps.PAPER_OMEGA), net.config, {}, None, "sketch")
+
+
+@pytest.fixture(scope="session")
+def sd15_ckpt(comfy, tmp_path_factory) -> Path:
+    """A random-weight SD1.5 checkpoint file that ComfyUI's checkpoint loader detects (~2 GB, fp16).
+
+    Set BPS_TEST_SD15_CKPT to an existing file to skip writing it.
+    """
+    reuse = os.environ.get("BPS_TEST_SD15_CKPT")
+    if reuse and Path(reuse).is_file():
+        return Path(reuse)
+    path = tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors"
+    comfy._trainer_pack().train.random_checkpoint.write_random_sd15_checkpoint(path, seed=0)
+    gc.collect()
+    return path
