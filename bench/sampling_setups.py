@@ -1,0 +1,70 @@
+"""The three sampling setups bench_sampling.py compares: plain SD1.5, + BPS, + ControlNet.
+
+Requires ComfyUI to be booted (bench.comfy_unet.boot_comfyui) before import.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _random_controlnet(model_patcher):
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from bench.comfy_unet import boot_comfyui
+    random_checkpoint = boot_comfyui().train.random_checkpoint
+
+    config = {k: v for k, v in random_checkpoint.SD15_UNET_CONFIG.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                     dtype=torch.float32, device="cpu", **config)
+    random_checkpoint._randomise(net, torch.Generator().manual_seed(2))
+    return comfy.controlnet.load_controlnet_state_dict(net.state_dict())
+
+
+def build_setups(size: int, dtype: torch.dtype | None) -> tuple[dict[str, Callable[[int], None]], str]:
+    """Return {"plain", "bps", "controlnet"} -> run(steps), and a one-line description."""
+    from bench.comfy_unet import boot_comfyui, random_sd15_model
+
+    pack = boot_comfyui()
+    import comfy.model_management
+    import comfy.sample
+    import nodes as comfy_nodes
+    bps, steering = pack.bps, pack.nodes.steering
+    model = random_sd15_model(dtype, seed=0)
+    unet_dtype = model.model.get_dtype()
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    gen = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 77, 768, generator=gen), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=gen), {}]]
+    hint = torch.rand(1, size, size, 3, generator=gen)  # ComfyUI IMAGE layout: B, H, W, C
+
+    network = bps.BPSNetwork(bps.BPSConfig())
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_(0, 0.01, generator=gen)
+    adapter = bps.Adapter(network=network, omega=list(bps.PAPER_OMEGA), config=network.config,
+                          metadata={}, path=None, hint_meaning="sketch")
+    steered = steering.attach_bps(model, adapter, hint.movedim(-1, 1),
+                                  bps.make_schedule(adapter.omega, strength=1.0))
+
+    control = _random_controlnet(model)
+    cn_pos, cn_neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, control, hint, 1.0, 0.0, 1.0)
+
+    def sampler(m, pos, neg) -> Callable[[int], None]:
+        def run(steps: int) -> None:
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+            comfy.sample.sample(m, noise, steps, 7.0, "euler", "normal", pos, neg, latent,
+                                denoise=1.0, disable_pbar=True, seed=1)
+        return run
+
+    setups = {
+        "plain": sampler(model, positive, negative),
+        "bps": sampler(steered, positive, negative),
+        "controlnet": sampler(model, cn_pos, cn_neg),
+    }
+    device = comfy.model_management.get_torch_device()
+    return setups, f"device={device} unet_dtype={unet_dtype}"
