@@ -1,166 +1,360 @@
 """Convert an official BPS-v1-1 checkpoint into this pack's adapter format.
 
-    python -m bps.convert_official IN.ckpt OUT.safetensors [--dtype fp16|bf16|fp32] [--hint-meaning sketch]
+    python -m bps.convert_official IN.ckpt OUT.safetensors [--dtype fp16|bf16|fp32]
+                                   [--hint-meaning sketch|layout|segmentation|style|TEXT] [--overwrite]
 
 IN is a PyTorch Lightning training checkpoint whose ``state_dict`` holds
-``model.diffusion_model.control_model.*`` (possibly beside the whole SD model), a bare
-``control_model`` state dict, or a ``.safetensors`` of either. ``.ckpt``/``.pth`` files are read
-with ``torch.load(weights_only=True)`` only: a checkpoint that needs arbitrary unpickling is
-refused, never loaded unsafely.
+``model.diffusion_model.control_model.*`` (possibly beside the whole SD model and the optimizer
+state), a bare ``control_model`` state dict (keys without prefix), or a ``.safetensors`` of
+either. ``.ckpt``/``.pth`` files are read with ``torch.load(weights_only=True)`` only: a
+checkpoint that needs arbitrary unpickling is refused, never loaded unsafely.
+
+What changes on the way: the official ``res_weights`` (fixed per-block scalars) become the
+adapter's default omega, and the zero convs of conv_in and the Downsample blocks
+(``zero_blocks.{0,3,6,9}``), which the official network never uses, are dropped. Every other
+tensor is copied unchanged (then stored in the chosen dtype).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from .adapter_file import save_adapter
+from .adapter_file import all_finite, save_adapter
 from .errors import AdapterError
 from .network import BPSConfig, BPSNetwork
-from .ports import PORTS
+from .ports import NUM_PORTS, PAPER_OMEGA, PORTS
 
+#: Where the control model lives in an official Lightning checkpoint.
 PREFIX = "model.diffusion_model.control_model."
-#: Official conv_in input channels -> (hint channels, extra-map channels).
+#: Prefixes tried in order; a state dict with none of them must be a bare control_model.
+PREFIXES = (PREFIX, "diffusion_model.control_model.", "control_model.")
+#: Official conv_in input channels -> (hint channels, extra-map channels), pixel-unshuffle by 8.
 HINT_LAYOUTS = {64: (1, 0), 192: (3, 0), 256: (3, 1)}
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: Hint meaning assumed when --hint-meaning is not given, by (hint channels, extra channels).
+DEFAULT_HINT_MEANING = {(1, 0): "sketch", (3, 0): "layout", (3, 1): "style"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+_DROP_ZERO = "zero conv of conv_in/a Downsample block: the official network never uses it"
+_DROP_RES = "port weight -> omega of port {port} = {w:g}, stored in the adapter's metadata"
+_DROP_RES_UNUSED = "scalar weight the official network never uses"
 
 
 @dataclass
 class ConversionReport:
-    """What a conversion kept, dropped and inferred."""
+    """What a conversion kept, dropped and inferred; ``str(report)`` is the CLI's printout."""
 
     config: BPSConfig
     omega: list[float]
     kept: int
+    kept_numbers: int = 0
     dropped: dict[str, str] = field(default_factory=dict)  # key -> why
+    ignored: int = 0  # checkpoint entries outside the control model (SD model, optimizer, ...)
+    omega_source: str = "res_weights"
+    hint_meaning: str = ""
+    dtype: str = ""
+    output: str = ""
 
     def __str__(self) -> str:
-        lines = [f"hint channels: {self.config.hint_channels}"
-                 + (f" + {self.config.extra_channels} extra map" if self.config.extra_channels else ""),
-                 f"tensors kept: {self.kept}",
-                 "omega: " + ", ".join(f"{p.name}={w:g}" for p, w in zip(PORTS, self.omega)),
+        cfg = self.config
+        hint = f"{cfg.hint_channels} channel(s)" + (f" + {cfg.extra_channels} extra map at factor "
+                                                   f"{cfg.extra_downscale}" if cfg.extra_channels else "")
+        names = [p.name for p in PORTS] if len(self.omega) == NUM_PORTS else [str(i) for i in range(len(self.omega))]
+        lines = [f"wrote {self.output} ({self.dtype})" if self.output else "converted",
+                 f"inferred config: {cfg.to_dict()}",
+                 f"hint: {hint}, meaning {self.hint_meaning!r}",
+                 f"kept {self.kept} tensors ({self.kept_numbers:,} numbers), names unchanged",
+                 f"omega (from {self.omega_source}): " + ", ".join(f"{n}={w:g}" for n, w in zip(names, self.omega)),
                  f"dropped {len(self.dropped)} tensors:"]
-        lines += [f"  {k}: {why}" for k, why in sorted(self.dropped.items())]
+        lines += [f"  {k}: {why}" for k, why in sorted(self.dropped.items(), key=lambda kv: _natural(kv[0]))]
+        if self.ignored:
+            lines.append(f"ignored {self.ignored} other state-dict entries (the frozen SD model: UNet, VAE, "
+                         f"text encoder)")
         return "\n".join(lines)
 
 
-def _control_model_state(sd: dict, source: str) -> dict[str, torch.Tensor]:
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+def _natural(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def split_control_model(sd: dict, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], int]:
+    """Return (control_model tensors without prefix, number of other entries ignored).
+
+    Accepts a Lightning checkpoint ({"state_dict": ...}), a full-model state dict, or a bare
+    control_model state dict.
+    """
+    if isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
-    prefixed = {k[len(PREFIX):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(PREFIX)}
-    if prefixed:
-        return prefixed
+    for prefix in PREFIXES:
+        control = {k[len(prefix):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
+        if control:
+            return control, len(sd) - len(control)
     if "input_blocks.0.weight" in sd:
-        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    raise AdapterError(f"{source!r} holds no BPS control model (no '{PREFIX}*' keys and no bare "
-                       f"'input_blocks.0.weight'). Is it an official BPS-v1-1 checkpoint?")
+        control = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        return control, len(sd) - len(control)
+    raise AdapterError(f"{source!r} holds no BPS control model: no '{PREFIX}*' keys and no bare "
+                       f"'input_blocks.0.weight'. Pass an official BPS-v1-1 training checkpoint or its "
+                       f"control_model state dict")
+
+
+def _shape(control: dict, key: str, source: str) -> tuple[int, ...]:
+    value = control.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise AdapterError(f"{source!r} lacks the tensor {key!r} of the BPS control model; the checkpoint is "
+                           f"incomplete or not from BPS-v1-1")
+    return tuple(value.shape)
+
+
+def infer_config(control: dict[str, torch.Tensor], source: str = "checkpoint") -> BPSConfig:
+    """Infer the architecture of an official control_model from its tensor shapes."""
+    out_ch, in_ch, *_ = _shape(control, "input_blocks.0.weight", source)
+    layout = HINT_LAYOUTS.get(in_ch)
+    if layout is None:
+        raise AdapterError(f"{source!r}: the first conv takes {in_ch} channels; the known official layouts take "
+                           f"64 (1-channel sketch), 192 (3-channel layout/segmentation) or 256 (style: RGB + 1 "
+                           f"extra map), each pixel-unshuffled by 8. This checkpoint is not a supported BPS-v1-1 "
+                           f"variant")
+    blocks = sorted({int(k.split(".")[1]) for k in control
+                     if k.startswith("input_blocks.") and k.split(".")[1].isdigit()})
+    downsamples = [b for b in blocks if f"input_blocks.{b}.op.weight" in control]
+    resblocks = [b for b in blocks if f"input_blocks.{b}.in_layers.2.weight" in control]
+    levels = len(downsamples) + 1
+    if not resblocks or len(resblocks) % levels:
+        raise AdapterError(f"{source!r}: cannot infer the encoder layout ({len(resblocks)} ResBlocks, "
+                           f"{len(downsamples)} Downsamples); the checkpoint is incomplete or not from BPS-v1-1")
+    per_level = len(resblocks) // levels
+    widths = [_shape(control, f"input_blocks.{b}.in_layers.2.weight", source)[0] for b in resblocks[::per_level]]
+    if any(w % out_ch for w in widths):
+        raise AdapterError(f"{source!r}: encoder widths {widths} are not multiples of the first width {out_ch}")
+    emb_dim = _shape(control, f"input_blocks.{resblocks[0]}.emb_layers.1.weight", source)[1]
+    try:
+        return BPSConfig(hint_channels=layout[0], extra_channels=layout[1], model_channels=out_ch,
+                         channel_mult=tuple(w // out_ch for w in widths), num_res_blocks=per_level,
+                         time_embed_dim=emb_dim)
+    except ValueError as e:
+        raise AdapterError(f"{source!r}: the inferred architecture is invalid ({e})") from None
+
+
+def _encoder_port_blocks(config: BPSConfig) -> list[int]:
+    """Official input-block numbers of the encoder ResBlocks, in port order (1,2,4,5,7,8,10,11 for SD1.5)."""
+    blocks, n = [], 1
+    for level in range(len(config.channel_mult)):
+        for _ in range(config.num_res_blocks):
+            blocks.append(n)
+            n += 1
+        if level != len(config.channel_mult) - 1:
+            n += 1  # the Downsample
+    return blocks
 
 
 def convert_official_state_dict(sd: dict, source: str = "checkpoint"
                                 ) -> tuple[dict[str, torch.Tensor], list[float], BPSConfig, dict[str, str]]:
-    """Map an official state dict to (our state dict, omega, config, dropped key -> reason)."""
-    control = _control_model_state(sd, source)
-    conv_in = control["input_blocks.0.weight"]
-    layout = HINT_LAYOUTS.get(conv_in.shape[1])
-    if layout is None:
-        raise AdapterError(f"{source!r}: first conv takes {conv_in.shape[1]} channels; known layouts are "
-                           f"{sorted(HINT_LAYOUTS)} (1-channel sketch, 3-channel layout, style)")
-    emb_key = "input_blocks.1.emb_layers.1.weight"
-    config = BPSConfig(hint_channels=layout[0], extra_channels=layout[1], model_channels=conv_in.shape[0],
-                       time_embed_dim=control[emb_key].shape[1] if emb_key in control else 1280)
+    """Map an official state dict to ``(our state dict, omega, config, dropped key -> reason)``.
+
+    ``sd`` is a Lightning checkpoint, a full-model state dict or a bare control_model state dict.
+    Kept tensors are the official ones, unchanged (same objects). Omega: encoder port i takes
+    ``res_weights[block of port i]``, the middle port the last res_weights entry, decoder ports 1.0;
+    without res_weights the paper's defaults are used.
+
+    Raises:
+        AdapterError: not a BPS control model, unknown layout, missing/unknown/misshapen
+            tensors, or NaN/Inf values.
+    """
+    control, _ = split_control_model(sd, source)
+    config = infer_config(control, source)
     with torch.device("meta"):
         expected = BPSNetwork(config).state_dict()
+    encoder_blocks = _encoder_port_blocks(config)
+    n_input_blocks = encoder_blocks[-1] + 1
 
-    # res_weights[i] weighs encoder block i; the last one weighs the middle block.
-    res = {int(k.split(".")[1]): float(v) for k, v in control.items() if k.startswith("res_weights.")}
-    used_res = {p.block[1]: p.index for p in PORTS if p.group == "encoder"}
+    # res_weights: one per input block, one unused, and the last for the middle block.
+    res: dict[int, float] = {}
+    for key, value in control.items():
+        if key.startswith("res_weights."):
+            index = key.split(".", 1)[1]
+            if not index.isdigit() or not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise AdapterError(f"{source!r}: {key} is not a scalar res_weights entry; not a BPS-v1-1 checkpoint")
+            res[int(index)] = float(value)
+    if res and sorted(res) != list(range(n_input_blocks + 2)):
+        raise AdapterError(f"{source!r}: found res_weights {sorted(res)}, expected 0..{n_input_blocks + 1} "
+                           f"({n_input_blocks} input blocks + 2); the checkpoint is incomplete or not from BPS-v1-1")
+    bad = [f"res_weights.{i}={w}" for i, w in res.items() if not math.isfinite(w)]
+    if bad:
+        raise AdapterError(f"{source!r}: non-finite port weights {', '.join(bad)}; the checkpoint is broken")
+
+    n_enc, n_ports = len(encoder_blocks), config.num_ports
+    port_names = [p.name for p in PORTS] if n_ports == NUM_PORTS else [str(i) for i in range(n_ports)]
     if res:
-        used_res[max(res)] = PORTS[8].index
-    omega = [p.default_omega for p in PORTS]
-    for block, port in used_res.items():
-        if block in res:
-            omega[port] = res[block]
-    for port in PORTS:
-        if port.group == "decoder":
-            omega[port.index] = 1.0
+        omega = [res[b] for b in encoder_blocks] + [res[max(res)]] + [1.0] * (n_ports - n_enc - 1)
+        used = {b: i for i, b in enumerate(encoder_blocks)} | {max(res): n_enc}
+    else:
+        omega = list(PAPER_OMEGA) if n_ports == NUM_PORTS else [1.0] * n_ports
+        used = {}
 
-    state, dropped = {}, {}
+    state: dict[str, torch.Tensor] = {}
+    dropped: dict[str, str] = {}
+    unknown: list[str] = []
+    ported = set(encoder_blocks)
     for key, value in control.items():
         if key in expected:
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise AdapterError(f"{source!r}: {key} has shape {tuple(value.shape)}, expected "
-                                   f"{tuple(expected[key].shape)} for {config}")
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(expected[key].shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise AdapterError(f"{source!r}: {key} has shape {got}, expected {tuple(expected[key].shape)} for "
+                                   f"the inferred architecture {config.to_dict()}; the checkpoint is inconsistent")
+            if not value.is_floating_point():
+                raise AdapterError(f"{source!r}: {key} holds {value.dtype} values, not floating point")
+            if not all_finite(value):
+                raise AdapterError(f"{source!r}: {key} contains NaN or infinite values; the checkpoint is broken "
+                                   f"(a diverged training run?). Use another checkpoint")
             state[key] = value
         elif key.startswith("res_weights."):
-            dropped[key] = ("port weight, stored as the adapter's omega" if int(key.split(".")[1]) in used_res
-                            else "scalar weight the official network never uses")
-        elif key.startswith("zero_blocks."):
-            dropped[key] = "zero conv of a conv_in/Downsample block, never used by the official network"
+            i = int(key.split(".")[1])
+            dropped[key] = (_DROP_RES.format(port=port_names[used[i]], w=res[i]) if i in used
+                            else _DROP_RES_UNUSED)
+        elif (key.startswith("zero_blocks.") and key.split(".")[1].isdigit()
+              and int(key.split(".")[1]) < n_input_blocks and int(key.split(".")[1]) not in ported
+              and key.split(".", 2)[2] in ("weight", "bias")):
+            dropped[key] = _DROP_ZERO
         else:
-            dropped[key] = "not part of the BPS network"
-    missing = sorted(set(expected) - set(state))
+            unknown.append(key)
+    if unknown:
+        raise AdapterError(f"{source!r}: {len(unknown)} control_model tensor(s) this converter does not know "
+                           f"(e.g. {', '.join(sorted(unknown, key=_natural)[:3])}); the checkpoint is not the "
+                           f"BPS-v1-1 architecture, so converting it would change what the network computes")
+    missing = [k for k in expected if k not in state]
     if missing:
-        raise AdapterError(f"{source!r} lacks {len(missing)} BPS tensors (e.g. {', '.join(missing[:3])}); "
-                           f"the checkpoint is incomplete")
+        raise AdapterError(f"{source!r} lacks {len(missing)} BPS tensor(s) (e.g. {', '.join(missing[:3])}); the "
+                           f"checkpoint is incomplete")
     return state, omega, config, dropped
 
 
+def _refusal_reason(error: Exception) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in lines:  # torch names the offending global on one of its lines
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln.split(". Please")[0].removeprefix("WeightsUnpickler error: ")
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def read_checkpoint(path: str) -> dict:
-    """Read a .ckpt/.pth with weights_only=True, or a .safetensors; never unpickle objects."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Read a ``.ckpt``/``.pth`` with ``torch.load(weights_only=True)``, or a ``.safetensors``.
+
+    Never unpickles arbitrary objects. From a ``.safetensors``, only the control-model tensors
+    are read. Raises AdapterError for missing, unreadable, corrupt or unsafe files.
+    """
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path!r} does not exist or is not a file. Check the path of the official checkpoint")
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
         try:
-            return load_file(path)
+            with safe_open(path, framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                wanted = [k for k in keys if any(k.startswith(p) for p in PREFIXES)] or keys
+                return {k: f.get_tensor(k) for k in wanted}
         except Exception as e:
-            raise AdapterError(f"cannot read {path!r} as safetensors ({e})") from None
+            raise AdapterError(f"cannot read {path!r} as a safetensors file ({e}). The file is corrupt or truncated; "
+                               f"download or copy it again") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise AdapterError(f"{path!r} does not exist") from None
-    except Exception as e:
+        try:
+            # mmap: a full training checkpoint (several GB) is paged in only where read.
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
         raise AdapterError(
-            f"{path!r} cannot be read safely: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). "
-            f"It may pickle arbitrary Python objects, which this converter never executes. Re-save its "
-            f"state_dict with plain tensors (torch.save(ckpt['state_dict'], 'clean.ckpt')) in a trusted "
-            f"environment, then convert that") from None
+            f"{path!r} cannot be read safely: torch.load(weights_only=True) refused it ({_refusal_reason(e)}). "
+            f"The checkpoint pickles Python objects besides tensors, and unpickling them could run arbitrary code, "
+            f"so this converter never does. If you trust the file, re-save just its weights in a separate Python "
+            f"session (torch.save(ckpt['state_dict'], 'weights.ckpt')) and convert that") from None
+    except Exception as e:
+        raise AdapterError(f"cannot read {path!r} as a PyTorch checkpoint ({_refusal_reason(e)}). The file is "
+                           f"corrupt or truncated, or not a checkpoint; download or copy it again") from None
+    if not isinstance(sd, dict):
+        raise AdapterError(f"{path!r} holds a {type(sd).__name__}, not a checkpoint dict or state dict")
+    return sd
+
+
+def _provenance(path: str, ckpt: dict) -> dict:
+    facts = {"source": "official BPS-v1-1 checkpoint", "converted_from": os.path.basename(path),
+             "converter": "python -m bps.convert_official"}
+    for key in ("epoch", "global_step"):
+        if isinstance(ckpt.get(key), int):
+            facts[key] = ckpt[key]
+    return facts
 
 
 def convert_official(in_path: str, out_path: str, *, dtype: torch.dtype = torch.float16,
-                     hint_meaning: str = "sketch", overwrite: bool = False) -> ConversionReport:
-    """Convert ``in_path`` to an adapter file at ``out_path`` and return the report."""
+                     hint_meaning: str | None = None, overwrite: bool = False) -> ConversionReport:
+    """Convert the official checkpoint ``in_path`` to an adapter file ``out_path``.
+
+    Args:
+        dtype: storage dtype of the adapter (float16 default, bfloat16, float32).
+        hint_meaning: what the hint is; None guesses from the channels (sketch, layout, style).
+        overwrite: replace an existing ``out_path``.
+
+    Returns:
+        The :class:`ConversionReport`.
+
+    Raises:
+        AdapterError: unreadable/unsafe/unsupported input, or an output that exists or is not .safetensors.
+    """
+    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+    if not out_path.lower().endswith(".safetensors"):
+        raise AdapterError(f"output {out_path!r} must be a .safetensors file. Name it e.g. bps_sketch.safetensors")
+    if os.path.abspath(out_path) == os.path.abspath(in_path):
+        raise AdapterError(f"output {out_path!r} is the input file. Choose another output name")
     if os.path.exists(out_path) and not overwrite:
-        raise AdapterError(f"{out_path!r} already exists; pass --overwrite to replace it")
-    state, omega, config, dropped = convert_official_state_dict(read_checkpoint(in_path), in_path)
-    network = BPSNetwork(config)
-    network.load_state_dict({k: v.float() for k, v in state.items()})
+        raise AdapterError(f"output {out_path!r} already exists. Pass --overwrite (overwrite=True) to replace it")
+    ckpt = read_checkpoint(in_path)
+    _, ignored = split_control_model(ckpt, in_path)
+    state, omega, config, dropped = convert_official_state_dict(ckpt, in_path)
+    if hint_meaning is None:
+        hint_meaning = DEFAULT_HINT_MEANING[(config.hint_channels, config.extra_channels)]
+    # The official tensors are assigned, not copied; save_adapter converts them one by one.
+    with torch.device("meta"):
+        network = BPSNetwork(config)
+    network.load_state_dict(state, assign=True)
     save_adapter(out_path, network, omega=omega, dtype=dtype, hint_meaning=hint_meaning,
-                 provenance={"converted_from": os.path.basename(in_path), "source": "official BPS-v1-1"})
-    return ConversionReport(config, omega, len(state), dropped)
+                 provenance=_provenance(in_path, ckpt))
+    return ConversionReport(config, omega, len(state), sum(v.numel() for v in state.values()), dropped, ignored,
+                            "res_weights" if any(k.startswith("res_weights.") for k in dropped)
+                            else "paper defaults: the checkpoint has no res_weights",
+                            hint_meaning, str(dtype).replace("torch.", ""), out_path)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 1 refused, 2 bad arguments)."""
     parser = argparse.ArgumentParser(prog="python -m bps.convert_official", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="official checkpoint (.ckpt, .pth or .safetensors)")
     parser.add_argument("output", help="adapter file to write (.safetensors)")
-    parser.add_argument("--dtype", choices=_DTYPES, default="fp16", help="storage dtype (default: fp16)")
-    parser.add_argument("--hint-meaning", default="sketch",
-                        help="what the condition image is: sketch, layout, segmentation, style (default: sketch)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="storage dtype (default: fp16)")
+    parser.add_argument("--hint-meaning", default=None,
+                        help="what the condition image is: sketch, layout, segmentation, style or free text "
+                             "(default: sketch for 1 channel, layout for 3, style for 3 + extra map)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    if not args.output.endswith(".safetensors"):
-        parser.error("the output must be a .safetensors file")
+    if args.hint_meaning is not None and not args.hint_meaning.strip():
+        parser.error("--hint-meaning must not be empty")
     try:
-        report = convert_official(args.input, args.output, dtype=_DTYPES[args.dtype],
+        report = convert_official(args.input, args.output, dtype=DTYPES[args.dtype],
                                   hint_meaning=args.hint_meaning, overwrite=args.overwrite)
     except AdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.output}\n{report}")
+    except OSError as e:  # e.g. output folder missing or not writable
+        print(f"error: cannot write {args.output!r} ({e.strerror or e}). Check the output folder exists and is "
+              f"writable", file=sys.stderr)
+        return 1
+    print(report)
     return 0
 
 
