@@ -5,46 +5,50 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..bps.schedule import make_schedule
+from .sockets import CATEGORY, BPSAdapterType, BPSOmegaType
 from .steering import attach_bps
-from .types import CATEGORY, BPSAdapterType, BPSOmegaType
 
 
 class BPSApply(io.ComfyNode):
+    """Return a steered clone of the MODEL; chained applies add their residuals."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="BPSApply",
             display_name="Apply BPS",
             category=CATEGORY,
-            description="Steer an SD1.5 model with a BPS adapter: the adapter turns the condition image into "
-                        "21 residuals added, with per-port weights, after every ResBlock and transformer of "
-                        "the UNet. Chain several to combine conditions.",
+            description="Steer an SD1.5 model with a BPS adapter: the adapter turns the condition image and "
+                        "the timestep into 21 residuals, added with per-port weights after every ResBlock and "
+                        "transformer of the UNet. Chain several Apply BPS nodes to combine conditions.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.5 model. It is not modified; a steered copy is returned."),
-                BPSAdapterType.Input("bps_adapter", tooltip="From Load BPS Adapter."),
-                io.Image.Input("image", tooltip="The condition image (sketch, layout, segmentation, style). "
-                                                "Centre-cropped and resized to the latent; RGB becomes grey "
-                                                "for 1-channel adapters. One image, or one per latent."),
+                io.Model.Input("model", tooltip="An SD1.5 model (LoRAs and other patches are fine). It is not "
+                                                "modified: a steered copy is returned."),
+                BPSAdapterType.Input("bps_adapter", tooltip="The adapter, from Load BPS Adapter."),
+                io.Image.Input("image", tooltip="The condition image (sketch, layout, segmentation, style), "
+                                                "centre-cropped and resized to the generated image; RGB becomes "
+                                                "grey for 1-channel adapters. One image for the whole batch, or "
+                                                "one per latent."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Multiplies every port weight. 0 leaves the model exactly unchanged; "
-                                       "lower values give more diverse results."),
+                                       "lower values follow the condition more loosely and vary more."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress where steering starts (0 = first step)."),
+                               tooltip="Sampling progress where steering starts (0 = first step), as on "
+                                       "ComfyUI's ControlNet nodes."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Sampling progress where steering stops (1 = last step)."),
                 BPSOmegaType.Input("omega", optional=True,
-                                   tooltip="Port weights and curve from BPS Omega Schedule; default: the "
-                                           "adapter's own weights, constant."),
+                                   tooltip="Port weights and their curve over the steps, from BPS Omega "
+                                           "Schedule. Default: the adapter's own weights, constant."),
                 io.Mask.Input("mask", optional=True,
-                              tooltip="Where the steering acts (1) and where not (0); one mask or one per latent."),
+                              tooltip="Where the steering acts (1) and where it does not (0), resized to "
+                                      "the generated image; one mask or one per latent."),
             ],
-            outputs=[io.Model.Output(tooltip="The steered model.")],
+            outputs=[io.Model.Output(tooltip="The steered model, for a sampler or another Apply BPS.")],
         )
 
     @classmethod
     def execute(cls, model, bps_adapter, image, strength: float, start_percent: float, end_percent: float,
                 omega=None, mask=None) -> io.NodeOutput:
         schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent)
-        if mask is not None and mask.ndim == 2:
-            mask = mask.unsqueeze(0)
         return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask))

@@ -1,6 +1,8 @@
-"""BPSLoader: load an adapter from ComfyUI's ``models/bps`` folder."""
+"""BPSLoader: load an adapter from ComfyUI's ``bps`` model folder."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -9,49 +11,55 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..bps.adapter_file import load_adapter
-from .types import CATEGORY, BPSAdapterType
+from .sockets import CATEGORY, BPSAdapterType
 
+#: Model folder name: ``ComfyUI/models/bps`` and ``bps:`` entries of extra_model_paths.yaml.
 FOLDER = "bps"
+EXTENSIONS = {".safetensors"}
 
 
 def register_model_folder() -> None:
-    """Make ``models/bps`` (and ``bps:`` entries of extra_model_paths.yaml) a .safetensors folder."""
-    default = f"{folder_paths.models_dir}/{FOLDER}"
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths, _ = folder_paths.folder_names_and_paths[FOLDER]
-        if default not in paths:
-            paths.append(default)
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
-    else:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
+    """Register ``models/bps`` as a ``.safetensors`` model folder with ComfyUI's folder_paths.
+
+    Paths added earlier under the ``bps`` key (extra_model_paths.yaml is read before custom nodes
+    load, and registers unknown keys without extensions) are kept.
+    """
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    paths = list(folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))[0])
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
 
 
 def adapter_dtype() -> torch.dtype:
-    """The dtype ComfyUI runs an SD1.5 UNet in on this device (fp32 on CPU, fp16/bf16 on GPU), so the
-    adapter computes in the UNet's dtype."""
-    dtype = comfy.model_management.unet_dtype(
+    """The dtype ComfyUI computes an SD1.5 UNet in on this device (fp32 on CPU, fp16/bf16 on most
+    GPUs): the adapter is loaded in it, so it runs in the UNet's compute dtype without a copy."""
+    device = comfy.model_management.get_torch_device()
+    dtype = comfy.model_management.unet_dtype(device=device,
                                               supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
-    manual = comfy.model_management.unet_manual_cast(dtype, comfy.model_management.get_torch_device())
-    return manual or dtype
+    return comfy.model_management.unet_manual_cast(dtype, device) or dtype
 
 
 class BPSLoader(io.ComfyNode):
+    """Load Bayesian Power Steering adapter files (.safetensors made by this pack's trainer or converter)."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="BPSLoader",
             display_name="Load BPS Adapter",
             category=CATEGORY,
-            description="Load a Bayesian Power Steering adapter (.safetensors) from models/bps. "
-                        "Official BPS-v1-1 checkpoints must be converted first with "
-                        "`python -m bps.convert_official`.",
+            description="Load a Bayesian Power Steering adapter (.safetensors) from models/bps. Adapters "
+                        "steer SD1.5 with a condition image (sketch, layout, segmentation, style). Official "
+                        "BPS-v1-1 checkpoints must be converted first: python -m bps.convert_official.",
             inputs=[
                 io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="Adapter file in ComfyUI/models/bps (or a 'bps:' folder of "
-                                       "extra_model_paths.yaml)."),
+                               tooltip="Adapter file in ComfyUI/models/bps (or a folder listed under 'bps:' in "
+                                       "extra_model_paths.yaml). Only .safetensors files are listed."),
             ],
             outputs=[BPSAdapterType.Output(display_name="bps_adapter",
-                                           tooltip="The adapter network and its default port weights.")],
+                                           tooltip="The adapter network and its default port weights, for "
+                                                   "Apply BPS.")],
         )
 
     @classmethod

@@ -84,7 +84,7 @@ def _hint(batch, channels=1, seed=3):
 def test_pack_registers_through_comfyuis_loader(pack):
     import folder_paths
     import nodes as comfy_nodes
-    for node_id in ("BPSLoader", "BPSApply", "BPSOmegaSchedule"):
+    for node_id in ("BPSLoader", "BPSApply", "BPSOmegaSchedule", "BPSOmegaPreview", "BPSHintPreprocessor"):
         assert node_id in comfy_nodes.NODE_CLASS_MAPPINGS, node_id
         schema = comfy_nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
         assert schema.category == "conditioning/bps" and schema.description
@@ -219,5 +219,5 @@ def test_non_sd15_model_is_refused_with_a_clear_error(pack, steering, full_adapt
     with torch.device("meta"):
         model = config.get_model({})
     patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
-    with pytest.raises(ValueError, match="this MODEL is SDXL.*not SD1.5-shaped"):
+    with pytest.raises(ValueError, match="cannot steer this MODEL: it is SDXL.*not SD1.5-shaped.*channel_mult"):
         steering.attach_bps(patcher, full_adapter, _hint(1), pack.bps.make_schedule(full_adapter.omega))

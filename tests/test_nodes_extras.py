@@ -1,0 +1,105 @@
+"""The helper nodes against the real ComfyUI: BPS Hint Preprocessor and BPS Omega Preview."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+import numpy as np
+import pytest
+import torch
+
+
+def _node(node_id):
+    import nodes as comfy_nodes
+    return comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def _adapter(bps, **config):
+    """A tiny adapter: the preprocessor reads only its config."""
+    cfg = bps.BPSConfig(model_channels=32, time_embed_dim=64, **config)
+    net = bps.BPSNetwork(cfg)
+    return bps.Adapter(net, list(bps.PAPER_OMEGA), cfg, {}, None, "sketch")
+
+
+def _image(batch=1, h=32, w=48, seed=0):
+    return torch.rand(batch, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hint_preprocessor_makes_luminance_for_one_channel_adapters(pack):
+    run = _node("BPSHintPreprocessor").execute
+    image = _image()
+    grey = run(image, _adapter(pack.bps, hint_channels=1), False, 0.0).args[0]
+    luma = image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
+    assert grey.shape == (1, 32, 48, 3)  # grey shown as RGB so every image node can display it
+    for c in range(3):
+        torch.testing.assert_close(grey[..., c], luma)
+    inverted = run(image, _adapter(pack.bps, hint_channels=1), True, 0.0).args[0]
+    torch.testing.assert_close(inverted, 1.0 - grey)
+    binary = run(image, _adapter(pack.bps, hint_channels=1), False, 0.5).args[0]
+    assert set(binary.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(binary[..., 0], (luma >= 0.5).float())
+
+
+def test_hint_preprocessor_keeps_rgb_and_expands_grey_for_three_channel_adapters(pack):
+    run = _node("BPSHintPreprocessor").execute
+    adapter = _adapter(pack.bps, hint_channels=3)
+    image = _image()
+    assert torch.equal(run(image, adapter, False, 0.0).args[0], image)
+    rgba = torch.cat([image, torch.ones_like(image[..., :1])], dim=-1)
+    assert torch.equal(run(rgba, adapter, False, 0.0).args[0], image)  # alpha dropped
+    grey = image[..., :1]
+    assert torch.equal(run(grey, adapter, False, 0.0).args[0], grey.expand(-1, -1, -1, 3))
+
+
+def test_hint_preprocessor_packs_the_style_extra_map_and_refuses_mismatches(pack):
+    bps = pack.bps
+    run = _node("BPSHintPreprocessor").execute
+    style = _adapter(bps, hint_channels=3, extra_channels=1)
+    image, extra = _image(batch=2), _image(batch=1, h=64, w=96, seed=1)
+    packed = run(image, style, False, 0.0, extra_map=extra).args[0]
+    assert packed.shape == (2, 32, 48, 4)
+    assert torch.equal(packed[..., :3], image)
+    assert torch.equal(packed[0, ..., 3], packed[1, ..., 3])  # one extra map broadcast to the batch
+    assert 0.0 <= float(packed[..., 3].min()) and float(packed[..., 3].max()) <= 1.0
+    with pytest.raises(bps.HintError, match="needs an extra map.*extra_map"):
+        run(image, style, False, 0.0)
+    with pytest.raises(bps.HintError, match="takes no extra map"):
+        run(image, _adapter(bps, hint_channels=1), False, 0.0, extra_map=extra)
+    with pytest.raises(bps.HintError, match="batch of 3"):
+        run(image, style, False, 0.0, extra_map=_image(batch=3))
+
+
+def test_omega_preview_plots_what_apply_bps_would_use(pack):
+    preview = _node("BPSOmegaPreview")
+    spec = _node("BPSOmegaSchedule").execute("paper", 1.0, 1.0, 1.0, "", "linear_down", "").args[0]
+    out = preview.execute(1.0, 0.2, 0.8, 512, 384, omega=spec)
+    plot = out.args[0]
+    assert plot.shape == (1, 384, 512, 3) and plot.dtype == torch.float32
+    assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
+    assert out.ui is not None  # shown on the node
+
+    pixels = (plot[0].numpy() * 255).round().astype(np.int16)
+    colours = import_module(f"{pack.__name__}.nodes.schedule_plot").GROUP_COLOURS
+    for group, rgb in colours.items():
+        near = np.abs(pixels - np.array(rgb)).sum(axis=-1) < 30
+        assert near.sum() > 50, f"no {group} curve or bar drawn"
+
+    # Another schedule gives another picture; the same one the same picture.
+    again = preview.execute(1.0, 0.2, 0.8, 512, 384, omega=spec).args[0]
+    assert torch.equal(again, plot)
+    other = preview.execute(1.0, 0.0, 1.0, 512, 384, omega=spec).args[0]
+    assert not torch.equal(other, plot)
+    # The bar panel (bottom part) shows each port's peak weight: none at strength 0.
+    flat = preview.execute(0.0, 0.0, 1.0, 512, 384, omega=spec).args[0]
+
+    def encoder_bars(img):
+        bottom = (img[0, int(384 * 0.62):].numpy() * 255).round().astype(np.int16)
+        return int((np.abs(bottom - np.array(colours["encoder"])).sum(axis=-1) < 30).sum())
+    assert encoder_bars(plot) > 2000 and encoder_bars(flat) < 200  # a zero bar is one pixel row
+
+
+def test_schedule_plot_refuses_tiny_images(pack):
+    plot = import_module(f"{pack.__name__}.nodes.schedule_plot")
+    schedule = pack.bps.make_schedule(list(pack.bps.PAPER_OMEGA))
+    with pytest.raises(ValueError, match="at least 256x256"):
+        plot.render_schedule(schedule, 100, 300)
