@@ -1,0 +1,168 @@
+"""Command line of the BPS trainer (argparse only: --help works without torch or ComfyUI)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PRESETS = ("paper", "uniform", "E", "M", "D", "EM", "MD", "EMD")
+
+DESCRIPTION = """\
+Train a Bayesian Power Steering (BPS) adapter for a frozen SD1.5 checkpoint, with the official
+recipe by default (AdamW, lr 1e-5, eps-prediction MSE on SD1.5's noise schedule, a generic prompt
+1/3 of the time). The UNet is steered by the same injection code the BPSApply node uses, so the
+adapter behaves in ComfyUI exactly as it did in training. Runs under torchrun for several GPUs.
+
+Data layouts (--data DIR):
+  official  DIR/source/*, DIR/target/* and one JSON or JSON-lines file whose records pair
+            "source", "target" and "prompt" (string or list of captions)
+  plain     same file names in DIR/source/ and DIR/target/, captions in target/NAME.txt or
+            DIR/captions/NAME.txt, or one --prompt for all pairs
+Without --data the trainer draws a demo set of 40 shape sketches and trains on it.
+"""
+
+EPILOG = """\
+examples:
+  python train/train_bps.py --ckpt models/checkpoints/v1-5-pruned-emaonly.safetensors --out my_sketch.safetensors
+  python train/train_bps.py --ckpt sd15.safetensors --data data/ --out seg.safetensors --hint-channels 3 --steps 5000
+  torchrun --nproc_per_node 4 train/train_bps.py --ckpt sd15.safetensors --data data/ --out a.safetensors
+  python train/train_bps.py --ckpt sd15.safetensors --data data/ --out a.safetensors --resume
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _resolution(text: str) -> int:
+    value = int(text)
+    if value < 64 or value % 64:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 64 (64, 128, ..., 512, 768), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's argument parser; every option's help states its default."""
+    p = argparse.ArgumentParser(prog="train_bps.py", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("files")
+    io.add_argument("--ckpt", required=True, metavar="SD15_CHECKPOINT",
+                    help="SD1.5 checkpoint (.safetensors/.ckpt with UNet, VAE and CLIP), loaded by ComfyUI's "
+                         "own loader. Required.")
+    io.add_argument("--data", default=None, metavar="DIR",
+                    help="training data folder (layouts above). Default: none = the built-in demo set.")
+    io.add_argument("--out", required=True, metavar="ADAPTER.safetensors",
+                    help="adapter file to write. Checkpoints go to OUT_STEM_checkpoints/ next to it. Required.")
+    io.add_argument("--prompt", default=None,
+                    help="caption for pairs that have none (plain layout). Default: none.")
+    io.add_argument("--cache-dir", default=None, metavar="DIR",
+                    help="where latents and text embeddings are cached (reused while data, checkpoint and "
+                         "resolution are unchanged). Default: OUT_STEM_cache/ next to --out.")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out file and start its checkpoints afresh. Default: off "
+                         "(refuse).")
+    io.add_argument("--resume", action="store_true",
+                    help="continue the run that writes --out from its latest checkpoint (same optimizer "
+                         "state, step, RNG and data order) up to --steps. Default: off.")
+    io.add_argument("--skip-bad", action="store_true",
+                    help="train without the bad pairs instead of stopping with the list of problems. "
+                         "Default: off.")
+
+    rec = p.add_argument_group("recipe")
+    rec.add_argument("--steps", type=_positive_int, default=None,
+                     help="optimizer steps of the whole run (a resumed run stops here too). Default: as many "
+                          "as --epochs takes.")
+    rec.add_argument("--epochs", type=_positive_int, default=None,
+                     help="passes over the data, used when --steps is not given. Default: 16 (official recipe).")
+    rec.add_argument("--resolution", type=_resolution, default=512,
+                     help="training size: images are resized to about RES x RES pixels, sides multiples of 64, "
+                          "keeping the data's aspect ratio. Default: 512.")
+    rec.add_argument("--batch-size", type=_positive_int, default=4,
+                     help="pairs per forward pass per process. Default: 4 (x --grad-accum 4 = the official "
+                          "batch of 16).")
+    rec.add_argument("--grad-accum", type=_positive_int, default=4,
+                     help="forward passes per optimizer step (gradients are summed). Default: 4.")
+    rec.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate. Default: 1e-5.")
+    rec.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay. Default: 0.01.")
+    rec.add_argument("--warmup-steps", type=_non_negative_int, default=0,
+                     help="linear learning-rate warm-up steps, then constant. Default: 0.")
+    rec.add_argument("--generic-prompt-prob", type=float, default=1 / 3,
+                     help='chance of replacing the caption by "a high-quality, detailed, and professional '
+                          'image" (official recipe). Default: 0.333.')
+    rec.add_argument("--omega", default="paper", choices=PRESETS,
+                     help="omega preset of the encoder and middle ports (fixed, not trained; decoder ports "
+                          "use 1 as in the official recipe). Stored in the adapter. Default: paper.")
+    rec.add_argument("--hint-channels", type=int, default=1, choices=(1, 3),
+                     help="channels of the condition image: 1 (sketch, edges) or 3 (layout, segmentation, "
+                          "RGB). Default: 1.")
+    rec.add_argument("--hint-meaning", default=None,
+                     help='what the condition image is, stored in the adapter ("sketch", "segmentation"...). '
+                          "Default: sketch for 1 channel, image for 3.")
+    rec.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order. "
+                                                         "Default: 0.")
+
+    run = p.add_argument_group("speed and memory")
+    run.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
+                     help="autocast dtype of the forward pass; fp16 adds a GradScaler. The adapter's master "
+                          "weights stay fp32. Default: no.")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute B_phi blocks and the frozen UNet's ResBlocks/transformers in the "
+                          "backward pass: much less activation memory, about 30%% slower. Default: off.")
+    run.add_argument("--num-workers", type=_non_negative_int, default=2,
+                     help="data loader worker processes (and threads for the data check). Default: 2.")
+
+    out = p.add_argument_group("checkpoints, logs and samples")
+    out.add_argument("--save-every", type=_non_negative_int, default=500,
+                     help="write a resumable checkpoint every N steps (0 = only at the end or on Ctrl-C). "
+                          "Default: 500.")
+    out.add_argument("--keep-checkpoints", type=_positive_int, default=2,
+                     help="how many recent checkpoints to keep. Default: 2.")
+    out.add_argument("--validate-every", type=_non_negative_int, default=0,
+                     help="every N steps (and at the end) render validation samples with ComfyUI's sampler "
+                          "and the BPS-attached model, saved as PNGs in the checkpoint folder (0 = off). "
+                          "Default: 0.")
+    out.add_argument("--validation-steps", type=_positive_int, default=12,
+                     help="sampler steps of a validation sample. Default: 12.")
+    out.add_argument("--validation-count", type=_positive_int, default=2,
+                     help="how many training pairs (the first ones) are rendered. Default: 2.")
+    out.add_argument("--validation-cfg", type=float, default=7.5,
+                     help="classifier-free guidance of validation samples. Default: 7.5.")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (logs only). Default: off.")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.out.lower().endswith(".safetensors"):
+        parser.error(f"--out must end in .safetensors, got {args.out}")
+    if not 0.0 <= args.generic_prompt_prob <= 1.0:
+        parser.error(f"--generic-prompt-prob must be between 0 and 1, got {args.generic_prompt_prob}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if args.hint_meaning is None:
+        args.hint_meaning = "sketch" if args.hint_channels == 1 else "image"
+    return args
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Folder of the resumable checkpoints and validation samples of the run writing ``out``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_checkpoints")
+
+
+def default_cache_dir(out: str | Path) -> Path:
+    """Default cache folder of the run writing ``out``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_cache")

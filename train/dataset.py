@@ -1,0 +1,267 @@
+"""Find the condition/target pairs and their captions in a data folder, and check them all.
+
+Two layouts are understood:
+
+* official (BPS / ControlNet release): ``source/``, ``target/`` and one JSON or JSON-lines file
+  whose records pair ``source``, ``target`` and ``prompt`` (a string or a list of captions);
+  paths are relative to the data folder (``"source/0.png"``) or to source/ and target/ (``"0.png"``).
+* plain: the same file names (extension may differ) in ``source/`` and ``target/``; captions in
+  ``<name>.txt`` next to the target or in ``captions/``, or one shared ``--prompt``.
+
+Every problem (missing file, unreadable or corrupt image, source/target size mismatch, empty
+caption, broken JSON record) is collected and reported in one go, before any model is loaded.
+No torch, no ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .images import IMAGE_SUFFIXES, ImageReadError, image_size
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training example: condition image, target image and its captions."""
+
+    name: str                  # how reports name it, e.g. "target/07.png" or "prompt.json line 8"
+    source: Path
+    target: Path
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad entry of the data folder."""
+
+    entry: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.entry}: {self.problem}"
+
+
+class DataError(ValueError):
+    """The data folder has problems; ``problems`` lists every one of them."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _clean_caption(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- official layout
+
+def _json_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
+
+
+def _read_records(path: Path) -> tuple[list[tuple[str, object]], list[Problem]]:
+    """Records of a JSON array file or a JSON-lines file, each with its location for reports."""
+    text = path.read_text(encoding="utf-8-sig")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            return [], [Problem(path.name, f"invalid JSON at line {e.lineno}: {e.msg}")]
+        return [(f"{path.name} record {i}", rec) for i, rec in enumerate(data)], []
+    records, problems = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {lineno}"
+        try:
+            records.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(Problem(where, f"invalid JSON ({e.msg}); each line must be one "
+                                           f'{{"source": ..., "target": ..., "prompt": ...}} object'))
+    return records, problems
+
+
+def _resolve(data_dir: Path, value: str, folder: str) -> Path | None:
+    raw = Path(value)
+    candidates = [raw] if raw.is_absolute() else [data_dir / raw, data_dir / folder / raw]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def _official_pairs(data_dir: Path, json_path: Path, prompt: str | None) -> tuple[list[Pair], list[Problem]]:
+    records, problems = _read_records(json_path)
+    pairs = []
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            problems.append(Problem(where, "record is not a JSON object"))
+            continue
+        missing = [k for k in ("source", "target") if not isinstance(rec.get(k), str) or not rec.get(k)]
+        if missing:
+            problems.append(Problem(where, f"missing {' and '.join(repr(k) for k in missing)}"))
+            continue
+        bad = False
+        paths = {}
+        for key, folder in (("source", "source"), ("target", "target")):
+            found = _resolve(data_dir, rec[key], folder)
+            if found is None:
+                problems.append(Problem(where, f"{key} file not found: {rec[key]} (looked in {data_dir} "
+                                               f"and {data_dir / folder})"))
+                bad = True
+            paths[key] = found
+        raw_prompt = rec.get("prompt", rec.get("prompts"))
+        captions = [raw_prompt] if isinstance(raw_prompt, str) else raw_prompt
+        if captions is None and prompt:
+            captions = [prompt]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            problems.append(Problem(where, 'missing "prompt" (a string or a list of strings)'))
+            continue
+        captions = [_clean_caption(c) for c in captions if _clean_caption(c)]
+        if not captions:
+            problems.append(Problem(where, "empty prompt"))
+            continue
+        if not bad:
+            pairs.append(Pair(where, paths["source"], paths["target"], tuple(captions)))
+    return pairs, problems
+
+
+# -------------------------------------------------------------------------------- plain layout
+
+def _by_stem(folder: Path) -> tuple[dict[str, Path], list[Problem]]:
+    found: dict[str, Path] = {}
+    problems = []
+    for p in sorted(folder.iterdir()):
+        if not _is_image(p):
+            continue
+        if p.stem in found:
+            problems.append(Problem(f"{folder.name}/{p.name}", f"two images named {p.stem!r} "
+                                                               f"({found[p.stem].name} and {p.name}); keep one"))
+            continue
+        found[p.stem] = p
+    return found, problems
+
+
+def _caption_for(data_dir: Path, target: Path, prompt: str | None) -> tuple[tuple[str, ...] | None, str | None]:
+    """Captions of one target, or (None, problem)."""
+    for txt in (target.with_suffix(".txt"), data_dir / "captions" / f"{target.stem}.txt"):
+        if txt.is_file():
+            text = _clean_caption(txt.read_text(encoding="utf-8-sig", errors="replace"))
+            if not text:
+                return None, f"caption file {txt.relative_to(data_dir)} is empty"
+            return (text,), None
+    if prompt:
+        return (prompt,), None
+    return None, (f"no caption: add target/{target.stem}.txt or captions/{target.stem}.txt, "
+                  f"or give one prompt for all pairs with --prompt")
+
+
+def _plain_pairs(data_dir: Path, prompt: str | None) -> tuple[list[Pair], list[Problem]]:
+    sources, problems = _by_stem(data_dir / "source")
+    targets, more = _by_stem(data_dir / "target")
+    problems += more
+    pairs = []
+    for stem, target in targets.items():
+        name = f"target/{target.name}"
+        source = sources.get(stem)
+        if source is None:
+            problems.append(Problem(name, f"no condition image source/{stem}.* for it"))
+            continue
+        captions, problem = _caption_for(data_dir, target, prompt)
+        if problem:
+            problems.append(Problem(name, problem))
+            continue
+        pairs.append(Pair(name, source, target, captions))
+    for stem, source in sources.items():
+        if stem not in targets:
+            problems.append(Problem(f"source/{source.name}", f"no target image target/{stem}.* for it"))
+    return pairs, problems
+
+
+# ------------------------------------------------------------------------------------ checks
+
+def find_pairs(data_dir: str | Path, *, prompt: str | None = None) -> tuple[list[Pair], list[Problem]]:
+    """List the pairs of a data folder (either layout) without opening any image.
+
+    Returns the pairs whose files and captions were found, and the problems of the others.
+
+    Raises:
+        DataError: the folder itself is unusable (missing, no source/ or target/, several JSON files).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"training data folder {data_dir} does not exist; pass --data DIR with source/ and "
+                        f"target/ folders (or leave --data out to train on the built-in demo set)")
+    prompt = _clean_caption(prompt) if prompt else None
+    json_files = _json_files(data_dir)
+    if len(json_files) > 1:
+        names = ", ".join(p.name for p in json_files)
+        raise DataError(f"{data_dir} has several JSON files ({names}); keep exactly one file pairing "
+                        f"source, target and prompt")
+    if json_files:
+        return _official_pairs(data_dir, json_files[0], prompt)
+    missing = [d for d in ("source", "target") if not (data_dir / d).is_dir()]
+    if missing:
+        raise DataError(f"{data_dir} has no {' and no '.join(d + '/' for d in missing)} folder; put the "
+                        f"condition images in source/ and the images to learn in target/ (same file names), "
+                        f"plus captions as target/NAME.txt or a JSON file pairing them")
+    return _plain_pairs(data_dir, prompt)
+
+
+def _check_pair(pair: Pair) -> Problem | None:
+    sizes = {}
+    for role, path in (("condition", pair.source), ("target", pair.target)):
+        try:
+            sizes[role] = image_size(path)
+        except (ImageReadError, OSError) as e:
+            detail = str(e).split(": ", 1)[-1] if isinstance(e, ImageReadError) else e.strerror or str(e)
+            return Problem(pair.name, f"{role} image {path.name} is unreadable: {detail}")
+    if sizes["condition"] != sizes["target"]:
+        (sh, sw), (th, tw) = sizes["condition"], sizes["target"]
+        return Problem(pair.name, f"condition image {pair.source.name} is {sw}x{sh} but target "
+                                  f"{pair.target.name} is {tw}x{th}; they must be the same size")
+    return None
+
+
+def check_images(pairs: list[Pair], workers: int = 4) -> tuple[list[Pair], list[Problem]]:
+    """Decode every image (catching corrupt files) and compare source/target sizes."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # cv2 decodes without holding the GIL
+        results = list(pool.map(_check_pair, pairs))
+    good = [p for p, r in zip(pairs, results) if r is None]
+    return good, [r for r in results if r is not None]
+
+
+def load_pairs(data_dir: str | Path, *, prompt: str | None = None, skip_bad: bool = False,
+               workers: int = 4) -> tuple[list[Pair], list[Problem]]:
+    """Find and check all pairs; report every problem at once.
+
+    Returns:
+        The usable pairs and the problems that were skipped (only with ``skip_bad``).
+
+    Raises:
+        DataError: any problem and not ``skip_bad`` (the message lists all of them), or no usable
+            pair at all.
+    """
+    pairs, problems = find_pairs(data_dir, prompt=prompt)
+    pairs, image_problems = check_images(pairs, workers)
+    problems += image_problems
+    listed = len(pairs) + len(problems)
+    if problems and not skip_bad:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise DataError(f"found {len(problems)} problem(s) in training data {data_dir} "
+                        f"({len(pairs)} of {listed} entries usable):\n{lines}\n"
+                        f"Fix or remove these entries, or pass --skip-bad to train on the "
+                        f"{len(pairs)} usable pair(s).", problems)
+    if not pairs:
+        raise DataError(f"no usable training pairs in {data_dir}" +
+                        (f" ({len(problems)} bad entries skipped)" if problems else "") +
+                        "; see the layouts in `python train/train_bps.py --help`", problems)
+    return pairs, problems

@@ -1,0 +1,92 @@
+"""Write an SD1.5 checkpoint with random weights, built from ComfyUI's own model classes.
+
+The trainer's tests and the learning benchmark need a real SD1.5 checkpoint file that
+``comfy.sd.load_checkpoint_guess_config`` detects and loads, without downloading 4 GB of
+weights. UNet, VAE and CLIP-L get seeded random weights (fan-in scaled, so activations stay
+in a sane range), and the file is laid out exactly as ComfyUI's own CheckpointSave writes it.
+
+Requires ComfyUI to be importable (the caller boots it first).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+#: The unet_config ComfyUI's model detection reads off a real SD1.5 checkpoint.
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+#: The SD1.x VAE (AutoencoderKL) layout.
+SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                   "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                   "dropout": 0.0}
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    # ComfyUI's ops skip weight init (weights are torch.empty), so every tensor is set here.
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for m in module.modules():
+            for leaf, p in m.named_parameters(recurse=False):
+                if isinstance(m, norms):
+                    p.fill_(1.0 if leaf == "weight" else 0.0)
+                elif p.ndim == 1:
+                    p.zero_()
+                elif isinstance(m, torch.nn.Embedding) or "embedding" in leaf:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+                else:
+                    fan_in = math.prod(p.shape[1:])
+                    p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+
+
+def random_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full-size SD1.5 checkpoint state dict (UNet, VAE, CLIP-L) with seeded random weights."""
+    import comfy.ldm.models.autoencoder
+    import comfy.model_detection
+    import comfy.sd1_clip
+
+    generator = torch.Generator().manual_seed(seed)
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET_CONFIG))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device="cpu")
+    _randomise(base.diffusion_model, generator)
+
+    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
+    _randomise(clip, generator)
+    clip_sd = clip.state_dict()
+    clip_sd.pop("clip_l.transformer.text_model.embeddings.position_ids", None)
+
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
+    _randomise(vae, generator)
+
+    sd = base.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae.state_dict())
+    return sd
+
+
+def write_random_sd15_checkpoint(path: str | os.PathLike, *, seed: int = 0,
+                                 dtype: torch.dtype = torch.float16) -> Path:
+    """Write a random-weight SD1.5 checkpoint to ``path`` (safetensors) and return the path.
+
+    fp16 halves the file (about 2 GB) and the write time; ComfyUI loads it like any fp16
+    SD1.5 checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = random_sd15_state_dict(seed)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt", "note": "random weights for tests"})
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,83 @@
+"""The training objective of the official recipe, on ComfyUI's own noise schedule.
+
+Epsilon-prediction MSE: pick t uniformly in 0..999, noise the latent with SD1.5's schedule and
+ask the steered UNet for the noise. The schedule is read from the loaded model's
+``model_sampling`` (1000 steps, scaled-linear betas 0.00085..0.012 for SD1.5) and the UNet input
+is built with ComfyUI's own ``noise_scaling`` / ``calculate_input`` / ``timestep``, so a training
+sample is exactly what ComfyUI's sampler feeds the UNet at that noise level.
+All random draws come from one CPU generator, so runs are reproducible on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+#: The official generic caption, used instead of the sample's caption 1/3 of the time.
+GENERIC_PROMPT = "a high-quality, detailed, and professional image"
+
+
+@dataclass
+class NoisedLatents:
+    """One batch of training inputs and targets (CPU tensors)."""
+
+    unet_input: torch.Tensor   # x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, what the UNet sees
+    timestep: torch.Tensor     # t in 0..999 as float, what the UNet's time embedding sees
+    sigma: torch.Tensor        # ComfyUI's sigma_t = sqrt((1 - a_t) / a_t)
+    noise: torch.Tensor        # eps, the regression target
+
+
+def noise_latents(x0: torch.Tensor, model_sampling: Any, generator: torch.Generator,
+                  timesteps: torch.Tensor | None = None) -> NoisedLatents:
+    """Draw t (unless ``timesteps`` are given) and eps for each row of ``x0`` (model-space
+    latents) and noise it."""
+    sigmas = model_sampling.sigmas.detach().cpu().float()
+    b = x0.shape[0]
+    if timesteps is None:
+        t = torch.randint(0, sigmas.shape[0], (b,), generator=generator)
+    else:
+        t = timesteps.long().cpu().reshape(b)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    sigma = sigmas[t]
+    x0 = x0.detach().cpu().float()
+    noisy = model_sampling.noise_scaling(sigma, noise, x0)           # x0 + sigma * eps
+    unet_input = model_sampling.calculate_input(sigma, noisy)        # / sqrt(sigma^2 + 1)
+    timestep = model_sampling.timestep(sigma).float()                # back to the integer t
+    return NoisedLatents(unet_input=unet_input, timestep=timestep, sigma=sigma, noise=noise)
+
+
+def choose_captions(conds: Sequence[Sequence[torch.Tensor]], generic: torch.Tensor, generic_prob: float,
+                    generator: torch.Generator) -> list[torch.Tensor]:
+    """Per item: the generic prompt with probability ``generic_prob``, else one of its captions.
+
+    Always draws the same numbers per item (one uniform, one index), whatever the outcome, so
+    the RNG stream does not depend on the data.
+    """
+    chosen = []
+    for item in conds:
+        u = float(torch.rand((), generator=generator))
+        j = int(torch.randint(0, max(1, len(item)), (), generator=generator))
+        chosen.append(generic if u < generic_prob else item[j])
+    return chosen
+
+
+def batch_context(conds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack (1, L_i, 768) conditionings into one batch the way ComfyUI's sampler does.
+
+    Prompts longer than 77 tokens give longer conditionings; like ComfyUI's CONDCrossAttn,
+    shorter ones are repeated up to the least common multiple (repeating does not change the
+    attention result).
+    """
+    import comfy.conds
+
+    first, *rest = [comfy.conds.CONDCrossAttn(c) for c in conds]
+    return first.concat(rest) if rest else first.cond
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
