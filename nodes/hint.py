@@ -72,8 +72,8 @@ class BPSHintPreprocessor(io.ComfyNode):
             category=CATEGORY,
             description="Prepare a condition image for a BPS adapter and show what the adapter sees: grey "
                         "(luminance) for 1-channel sketch adapters, RGB for layout/segmentation adapters, RGB "
-                        "plus the extra map for style adapters. Optionally invert (sketch adapters are trained "
-                        "on light strokes on a dark background) and binarise.",
+                        "plus the extra map for style adapters. Optionally invert (to match the stroke colour the "
+                        "adapter was trained on: the trainer's demo set uses white strokes on black) and binarise.",
             inputs=[
                 io.Image.Input("image", tooltip="The image to turn into a condition image."),
                 BPSAdapterType.Input("bps_adapter", tooltip="The adapter the hint is for; its channel layout "

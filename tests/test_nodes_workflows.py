@@ -75,15 +75,17 @@ class _Server:
         pass
 
 
-def test_sketch_workflow_runs_through_comfyuis_executor(pack, sd15_ckpt, full_adapter, tmp_path):
+@pytest.fixture()
+def run_workflow(pack, sd15_ckpt, full_adapter, tmp_path):
+    """Run an example workflow through ComfyUI's PromptExecutor at 64x64 and one sampler step, with
+    the random checkpoint, a saved full-width adapter and a random sketch; returns the executor."""
     import execution
     import folder_paths
     from PIL import Image
 
-    bps = pack.bps
     models = tmp_path / "bps"
     models.mkdir()
-    bps.save_adapter(models / "bps_sketch.safetensors", full_adapter.network, dtype=torch.float16)
+    pack.bps.save_adapter(models / "bps_sketch.safetensors", full_adapter.network, dtype=torch.float16)
     folder_paths.add_model_folder_path("bps", str(models))
     folder_paths.add_model_folder_path("checkpoints", str(sd15_ckpt.parent))
     sketch = (np.random.default_rng(0).random((80, 96)) > 0.8).astype(np.uint8) * 255
@@ -91,36 +93,60 @@ def test_sketch_workflow_runs_through_comfyuis_executor(pack, sd15_ckpt, full_ad
     input_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sketch).save(input_dir / "bps_test_sketch.png")
     folder_paths.set_output_directory(str(tmp_path / "out"))
-
-    prompt = ui_to_api(json.loads(next(p for p in WORKFLOWS if p.name == "bps_sketch_to_image.json").read_text()))
-    for node in prompt.values():
-        ins, kind = node["inputs"], node["class_type"]
-        if kind == "CheckpointLoaderSimple":
-            ins["ckpt_name"] = sd15_ckpt.name
-        elif kind == "LoadImage":
-            ins["image"] = "bps_test_sketch.png"
-        elif kind == "EmptyLatentImage":
-            ins.update(width=64, height=64)
-        elif kind == "KSampler":
-            ins["steps"] = 1
-
-    prompt_id = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    assert valid[0], valid
     executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"ram": 0.0})
-    executor.execute(prompt, prompt_id, {}, valid[2])
-    errors = [d for e, d in executor.status_messages if e == "execution_error"]
-    assert executor.success, errors
-    saved = list((tmp_path / "out").glob("bps_sketch*.png"))
+
+    def run(name: str, edit=lambda prompt: None) -> dict:
+        prompt = ui_to_api(json.loads(next(p for p in WORKFLOWS if p.name == name).read_text()))
+        for node in prompt.values():
+            ins, kind = node["inputs"], node["class_type"]
+            if kind == "CheckpointLoaderSimple":
+                ins["ckpt_name"] = sd15_ckpt.name
+            elif kind == "LoadImage":
+                ins["image"] = "bps_test_sketch.png"
+            elif kind == "EmptyLatentImage":
+                ins.update(width=64, height=64)
+            elif kind == "KSampler":
+                ins["steps"] = 1
+        edit(prompt)
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        assert valid[0], valid
+        executor.execute(prompt, prompt_id, {}, valid[2])
+        return prompt
+
+    run.executor, run.models, run.out = executor, models, tmp_path / "out"
+    return run
+
+
+def _errors(executor) -> list[dict]:
+    return [d for e, d in executor.status_messages if e == "execution_error"]
+
+
+def test_sketch_workflow_runs_through_comfyuis_executor(run_workflow):
+    from PIL import Image
+
+    run_workflow("bps_sketch_to_image.json")
+    executor = run_workflow.executor
+    assert executor.success, _errors(executor)
+    saved = list(run_workflow.out.glob("bps_sketch*.png"))
     assert len(saved) == 1 and Image.open(saved[0]).size == (64, 64)
 
     # A broken adapter file is a node error with the core library's message, not a crash.
-    (models / "broken.safetensors").write_bytes(b"not an adapter")
-    for node in prompt.values():
-        if node["class_type"] == "BPSLoader":
-            node["inputs"]["adapter_name"] = "broken.safetensors"
-    bad_id = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(bad_id, prompt, None))
-    executor.execute(prompt, bad_id, {}, valid[2])
-    errors = [d for e, d in executor.status_messages if e == "execution_error"]
-    assert not executor.success and "not a safetensors file" in errors[-1]["exception_message"]
+    (run_workflow.models / "broken.safetensors").write_bytes(b"not an adapter")
+
+    def use_broken(prompt):
+        for node in prompt.values():
+            if node["class_type"] == "BPSLoader":
+                node["inputs"]["adapter_name"] = "broken.safetensors"
+    run_workflow("bps_sketch_to_image.json", use_broken)
+    assert not executor.success and "not a safetensors file" in _errors(executor)[-1]["exception_message"]
+
+
+def test_omega_schedule_workflow_runs_and_previews_its_schedule(run_workflow):
+    prompt = run_workflow("bps_omega_schedule.json")
+    executor = run_workflow.executor
+    assert executor.success, _errors(executor)
+    assert len(list(run_workflow.out.glob("bps_omega*.png"))) == 1
+    preview_id = next(i for i, n in prompt.items() if n["class_type"] == "BPSOmegaPreview")
+    shown = executor.history_result["outputs"][preview_id]["images"]
+    assert len(shown) == 1 and shown[0]["type"] == "temp"
