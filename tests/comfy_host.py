@@ -20,7 +20,7 @@ SKIP_REASON = ("COMFYUI_PATH is not set: ComfyUI integration tests need a real C
                "(export COMFYUI_PATH=/path/to/ComfyUI, with its requirements installed)")
 
 
-def _trainer_entry():
+def trainer_entry():
     """train/train_bps.py, loaded by path (it holds find_comfyui/boot_comfyui/import_pack)."""
     name = "comfyui_bps_train_entry"
     if name not in sys.modules:
@@ -39,7 +39,7 @@ def comfyui_path() -> Path | None:
 
 def boot() -> None:
     """Import ComfyUI (CPU mode without CUDA) as its main.py does."""
-    _trainer_entry().boot_comfyui(comfyui_path())
+    trainer_entry().boot_comfyui(comfyui_path())
 
 
 def load_pack():
@@ -58,19 +58,11 @@ def pack_module(pack, dotted: str):
 
 def random_sd15_model(seed: int = 0):
     """A ComfyUI ModelPatcher around an SD1.5 BaseModel with seeded random weights (fp32)."""
-    import comfy.model_detection
-    import comfy.model_management
-    import comfy.model_patcher
-    random_checkpoint = _trainer_pack().train.random_checkpoint
-    config = comfy.model_detection.model_config_from_unet_config(dict(random_checkpoint.SD15_UNET_CONFIG))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device="cpu")
-    random_checkpoint._randomise(model.diffusion_model, torch.Generator().manual_seed(seed))
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return trainer_pack().train.random_checkpoint.random_sd15_model(torch.float32, seed=seed)
 
 
-def _trainer_pack():
-    pack = _trainer_entry().import_pack()
+def trainer_pack():
+    """This pack as the trainer imports it (under its fixed name), with train.random_checkpoint loaded."""
+    pack = trainer_entry().import_pack()
     importlib.import_module(f"{pack.__name__}.train.random_checkpoint")
     return pack

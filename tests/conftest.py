@@ -12,6 +12,16 @@ import torch
 import comfy_host
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny tensors on one thread: a thread pool costs more in synchronisation than
+    it saves (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """The real ComfyUI, booted once per session."""
@@ -62,6 +72,6 @@ def sd15_ckpt(comfy, tmp_path_factory) -> Path:
     if reuse and Path(reuse).is_file():
         return Path(reuse)
     path = tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors"
-    comfy._trainer_pack().train.random_checkpoint.write_random_sd15_checkpoint(path, seed=0)
+    comfy.trainer_pack().train.random_checkpoint.write_random_sd15_checkpoint(path, seed=0)
     gc.collect()
     return path

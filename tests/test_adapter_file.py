@@ -18,13 +18,8 @@ TINY = BPSConfig(model_channels=32, time_embed_dim=64)
 OMEGA = [0.5 + i for i in range(21)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a thread pool costs more in synchronisation than it saves (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (conftest.py's one_thread) runs them faster than a thread pool.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_network(config=TINY, seed=0):

@@ -23,13 +23,8 @@ OFFICIAL_OMEGA = [RES[b] for b in ENCODER_BLOCKS] + [RES[13]] + [1.0] * 12
 UNUSED_ZERO_BLOCKS = ("zero_blocks.0.", "zero_blocks.3.", "zero_blocks.6.", "zero_blocks.9.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a thread pool costs more in synchronisation than it saves (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (conftest.py's one_thread) runs them faster than a thread pool.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_shapes(config):

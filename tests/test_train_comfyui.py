@@ -34,7 +34,7 @@ FAST = ["--resolution", "64", "--num-workers", "0", "--no-progress"]
 def trainer(comfy, pack):
     """The pack as the trainer imports it, plus its entry script (``pack``: the nodes, registered
     through ComfyUI's own loader, for the BPSLoader/BPSApply comparisons)."""
-    entry = comfy._trainer_entry()
+    entry = comfy.trainer_entry()
     pack = entry.import_pack()
     mods = {m: importlib.import_module(f"{pack.__name__}.{m}") for m in (
         "train.loop", "train.base_model", "train.cli", "train.dataset", "train.steered_unet", "train.recipe",

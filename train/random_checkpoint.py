@@ -49,6 +49,26 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
                     p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
 
 
+def random_sd15_model(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A ComfyUI ModelPatcher around an SD1.5 BaseModel whose UNet has seeded random weights.
+
+    Built from ComfyUI's own classes, in memory (no file). ``dtype`` is the UNet's weight dtype;
+    ComfyUI's manual cast is set up as it would be for a loaded checkpoint of that dtype.
+    """
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+
+    device = comfy.model_management.get_torch_device()
+    config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET_CONFIG))
+    config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(dtype, device))
+    model = config.get_model({}, device="cpu")
+    _randomise(model.diffusion_model, torch.Generator().manual_seed(seed))
+    model.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
 def random_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Full-size SD1.5 checkpoint state dict (UNet, VAE, CLIP-L) with seeded random weights."""
     import comfy.ldm.models.autoencoder
