@@ -8,6 +8,8 @@ shown, when COMFYUI_PATH is unset. ComfyUI is booted exactly as the trainer boot
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import importlib.util
 import os
 import sys
@@ -66,3 +68,25 @@ def trainer_pack():
     pack = trainer_entry().import_pack()
     importlib.import_module(f"{pack.__name__}.train.random_checkpoint")
     return pack
+
+
+def release_memory() -> None:
+    """Unload (and so unpatch) every model ComfyUI holds, free what nothing references, and hand
+    the freed heap back to the OS.
+
+    Without the last step glibc keeps freed multi-GB tensors in its arenas (its mmap threshold
+    grows after large frees), so a test process that has built and dropped full-width adapters
+    still looks several GB larger than it is, and the subprocess tests that follow run out of RAM.
+    Safe to call before ComfyUI is booted: then only the last two steps run.
+    """
+    management = sys.modules.get("comfy.model_management")
+    if management is not None:
+        management.unload_all_models()
+        gc.collect()
+        management.cleanup_models()
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass

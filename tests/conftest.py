@@ -22,6 +22,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _memory_back_after_each_module():
+    """Give each module's models back before the next module runs.
+
+    Autouse fixtures are set up first, so this one is torn down last, after the module's own
+    fixtures (sd15, full_adapter, loaded checkpoints) have been dropped.
+    """
+    yield
+    comfy_host.release_memory()
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """The real ComfyUI, booted once per session."""
@@ -42,14 +53,18 @@ def steering(pack, comfy):
     return comfy.pack_module(pack, "nodes.steering")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sd15(comfy):
-    """Random-weight SD1.5 ModelPatcher built from ComfyUI's classes (shared: never mutate it)."""
+    """Random-weight SD1.5 ModelPatcher built from ComfyUI's classes (shared: never mutate it).
+
+    Module-scoped, like ``full_adapter``: together they hold ~6 GB, which the trainer tests (and
+    their subprocesses) need back on a 24 GB machine.
+    """
     return comfy.random_sd15_model(seed=0)
 
 
-@pytest.fixture(scope="session")
-def full_adapter(pack):
+@pytest.fixture(scope="module")
+def full_adapter(pack, comfy):
     """A full-width SD1.5 adapter whose output convs are non-zero, so it really steers."""
     bps = pack.bps
     net = bps.BPSNetwork(bps.BPSConfig())

@@ -7,7 +7,6 @@ the adapter is full SD1.5 width (~670M parameters), which is what makes each ste
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import importlib
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+
+import comfy_host
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -55,21 +56,12 @@ def base_holder(trainer, sd15_ckpt):
     _LOADED["base"] = trainer.base_model.load_base_models(sd15_ckpt, unet_dtype=torch.float16)
     yield _LOADED
     _LOADED.clear()
-    _release_memory()
+    comfy_host.release_memory()
 
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bps_cache")
-
-
-def _release_memory() -> None:
-    """Unload (and so unpatch) every model ComfyUI holds, then free what nothing references."""
-    import comfy.model_management
-    comfy.model_management.unload_all_models()
-    gc.collect()
-    comfy.model_management.cleanup_models()
-    gc.collect()
 
 
 def _digest(network) -> str:
@@ -246,7 +238,7 @@ def test_fresh_adapter_changes_nothing_and_trained_adapter_changes_the_unet(trai
     diff = (_node_eps(steered, latent, noise, 600, context) - plain).abs().max()
     assert diff > 1e-4, f"a trained adapter should steer; max eps change {diff}"
     del trained, steered
-    _release_memory()
+    comfy_host.release_memory()
 
 
 def test_trainer_forward_equals_the_bpsapply_node(trainer, base_holder):
@@ -268,7 +260,7 @@ def test_trainer_forward_equals_the_bpsapply_node(trainer, base_holder):
     with torch.no_grad():
         eps_train = steered_unet(noised.unet_input, noised.timestep, context, hint)
     del steered_unet
-    _release_memory()  # the trainer imports its own copy of the pack: unpatch its clone first
+    comfy_host.release_memory()  # the trainer imports its own copy of the pack: unpatch its clone first
     adapter = bps.Adapter(net, omega, net.config, {}, None, "sketch")
     patched = _node("BPSApply").execute(base.model, adapter, hint.movedim(1, -1).repeat(1, 1, 1, 3),
                                         1.0, 0.0, 1.0).args[0]
@@ -278,7 +270,7 @@ def test_trainer_forward_equals_the_bpsapply_node(trainer, base_holder):
     assert float((eps_train - eps_node).abs().max()) < 1e-4 * scale
     assert float((eps_node - plain).abs().max()) > 1e-2 * scale  # the comparison is not vacuous
     del net, adapter, patched
-    _release_memory()
+    comfy_host.release_memory()
 
 
 def test_gradient_checkpointing_and_bf16_autocast_keep_the_gradients(trainer, base_holder):
@@ -317,7 +309,7 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_gradients(trainer, ba
     for a, b in zip(plain, grads(torch.bfloat16)):
         assert torch.isfinite(b).all() and float((a - b).norm() / a.norm()) < 0.1
     del net, module
-    _release_memory()
+    comfy_host.release_memory()
 
 
 # ------------------------------------------------------------------------------ resume
@@ -359,7 +351,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tr
     for k, v in sa.network.state_dict().items():
         assert torch.equal(v, sb.network.state_dict()[k]), k
     shutil.rmtree(tmp_path / "split_checkpoints", ignore_errors=True)
-    _release_memory()
+    comfy_host.release_memory()
 
 
 # -------------------------------------------------------------------------------- DDP
@@ -379,7 +371,7 @@ def test_torchrun_two_processes_gloo(trainer, sd15_ckpt, tmp_path):
     only rank 0 writes. --omega E (the paper's encoder-only integration mode) freezes the adapter's
     decoder: two full-width processes training all ~670M parameters with AdamW need ~28 GB RAM."""
     _LOADED.clear()
-    _release_memory()
+    comfy_host.release_memory()
     need = 16.5
     if _mem_available_gb() < need:
         pytest.skip(f"needs ~{need:.0f} GB free RAM for two full-width adapter processes, "
