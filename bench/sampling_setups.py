@@ -10,20 +10,6 @@ from typing import Callable
 import torch
 
 
-def _random_controlnet(model_patcher):
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-    from bench.comfy_unet import boot_comfyui
-    random_checkpoint = boot_comfyui().train.random_checkpoint
-
-    config = {k: v for k, v in random_checkpoint.SD15_UNET_CONFIG.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
-                                     dtype=torch.float32, device="cpu", **config)
-    random_checkpoint._randomise(net, torch.Generator().manual_seed(2))
-    return comfy.controlnet.load_controlnet_state_dict(net.state_dict())
-
-
 def build_setups(size: int, dtype: torch.dtype | None) -> tuple[dict[str, Callable[[int], None]], str]:
     """Return {"plain", "bps", "controlnet"} -> run(steps), and a one-line description."""
     from bench.comfy_unet import boot_comfyui, random_sd15_model
@@ -50,7 +36,7 @@ def build_setups(size: int, dtype: torch.dtype | None) -> tuple[dict[str, Callab
     steered = steering.attach_bps(model, adapter, hint.movedim(-1, 1),
                                   bps.make_schedule(adapter.omega, strength=1.0))
 
-    control = _random_controlnet(model)
+    control = pack.train.random_checkpoint.random_sd15_controlnet(seed=2)
     cn_pos, cn_neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
         positive, negative, control, hint, 1.0, 0.0, 1.0)
 

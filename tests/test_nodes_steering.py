@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import comfy_host
+
 LATENT = 8  # 64x64 pixels keeps an SD1.5 UNet call around a second on 2 cores
 
 
@@ -29,8 +31,9 @@ def _forward(steering, model, x, t, context, cond_or_uncond):
         return model.model.diffusion_model(x, t, context=context, transformer_options=options)
 
 
-def _reference(unet, x, t, context, adapters):
-    """adapters: list of (network, omega list, hint rows (B, C, H, W)) applied with constant weights."""
+def _reference(unet, x, t, context, adapters, control=None):
+    """adapters: list of (network, omega list, hint rows (B, C, H, W)) applied with constant weights;
+    control: the ``control`` dict a ControlNet hands the UNet, applied where the UNet applies it."""
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
@@ -61,14 +64,20 @@ def _reference(unet, x, t, context, adapters):
                 h = h + residual[port]
         return h
 
+    control = {k: list(v) for k, v in (control or {}).items()}
+
+    def controlled(h, name):
+        ctrl = control[name].pop() if control.get(name) else None
+        return h if ctrl is None else h + ctrl
+
     with torch.no_grad():
         hs, h = [], x
         for n, block in enumerate(unet.input_blocks):
-            h = run(block, h, ("input", n))
+            h = controlled(run(block, h, ("input", n)), "input")
             hs.append(h)
-        h = run(unet.middle_block, h, ("middle", 0))
+        h = controlled(run(unet.middle_block, h, ("middle", 0)), "middle")
         for n, block in enumerate(unet.output_blocks):
-            h = torch.cat([h, hs.pop()], dim=1)
+            h = torch.cat([h, controlled(hs.pop(), "output")], dim=1)
             h = run(block, h, ("output", n), hs[-1].shape if hs else None)
         return unet.out(h)
 
@@ -221,3 +230,79 @@ def test_non_sd15_model_is_refused_with_a_clear_error(pack, steering, full_adapt
     patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
     with pytest.raises(ValueError, match="cannot steer this MODEL: it is SDXL.*not SD1.5-shaped.*channel_mult"):
         steering.attach_bps(patcher, full_adapter, _hint(1), pack.bps.make_schedule(full_adapter.omega))
+
+
+LORA_TARGET = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_q.weight"
+
+
+def _lora(rank: int = 4, seed: int = 6) -> dict:
+    """A LoRA in the common kohya key format for one attention projection of the UNet."""
+    g = torch.Generator().manual_seed(seed)
+    name = "lora_unet_" + LORA_TARGET[len("diffusion_model."):-len(".weight")].replace(".", "_")
+    return {f"{name}.lora_up.weight": torch.randn(640, rank, generator=g) * 0.5,
+            f"{name}.lora_down.weight": torch.randn(rank, 640, generator=g) * 0.5,
+            f"{name}.alpha": torch.tensor(float(rank))}
+
+
+def test_bps_with_a_lora_and_comfyuis_controlnet_matches_the_reference(pack, steering, sd15, full_adapter):
+    """LoRA (ComfyUI's loader, a weight patch) + ComfyUI's SD1.5 ControlNet + BPS, sampled with CFG:
+    every UNet call equals the hand-run reference on the LoRA-patched weights with the ControlNet's
+    residuals and BPS's residuals each added where their own rule puts them."""
+    import comfy.sample
+    import comfy.sd
+    import nodes as comfy_nodes
+
+    bps = pack.bps
+    lora_model, _ = comfy.sd.load_lora_for_models(sd15, None, _lora(), 1.0, 0.0)
+    assert LORA_TARGET in lora_model.patches
+    steered = steering.attach_bps(lora_model, full_adapter, _hint(1), bps.make_schedule(full_adapter.omega))
+    control = comfy_host.pack_module(pack, "train.random_checkpoint").random_sd15_controlnet(seed=2)
+    g = torch.Generator().manual_seed(7)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    cn_hint = torch.rand(1, LATENT * 8, LATENT * 8, 3, generator=g)
+    positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, control, cn_hint, 0.8, 0.0, 1.0)
+
+    unet = sd15.model.diffusion_model
+    original_weight = sd15.model.state_dict()[LORA_TARGET].clone()
+    calls = []
+
+    def capture(module, args, kwargs):
+        x, t = args[0], args[1] if len(args) > 1 else kwargs["timesteps"]
+        ctrl = kwargs.get("control")
+        assert ctrl, "the ControlNet did not reach the UNet"
+        calls.append({"x": x.clone(), "t": t.clone(), "context": kwargs["context"].clone(),
+                      "control": {k: [c.clone() if c is not None else None for c in v] for k, v in ctrl.items()}})
+
+    def check(module, args, kwargs, output):
+        call = calls[-1]
+        call["lora_applied"] = not torch.equal(sd15.model.state_dict()[LORA_TARGET], original_weight)
+        rows = call["x"].shape[0]
+        adapters = [(full_adapter.network, full_adapter.omega, _hint(1).expand(rows, -1, -1, -1))]
+        call["error"] = _rel_err(output, _reference(unet, call["x"], call["t"], call["context"], adapters,
+                                                    call["control"]))
+        call["bps_effect"] = _rel_err(output, _reference(unet, call["x"], call["t"], call["context"], [],
+                                                         call["control"]))
+        call["controlnet_effect"] = _rel_err(output, _reference(unet, call["x"], call["t"], call["context"],
+                                                                adapters))
+
+    hooks = [unet.register_forward_pre_hook(capture, with_kwargs=True),
+             unet.register_forward_hook(check, with_kwargs=True)]
+    try:
+        latent = torch.zeros(1, 4, LATENT, LATENT)
+        noise = torch.randn(latent.shape, generator=g)
+        comfy.sample.sample(steered, noise, 1, 7.0, "euler", "normal", positive, negative, latent,
+                            disable_pbar=True, seed=0)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    assert calls and sum(c["x"].shape[0] for c in calls) == 2  # the cond and the uncond row
+    for call in calls:
+        assert call["lora_applied"]
+        assert call["error"] < 1e-5, call["error"]
+        assert call["bps_effect"] > 1e-3 and call["controlnet_effect"] > 1e-3  # neither is vacuous
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([sd15])
+    assert torch.equal(sd15.model.state_dict()[LORA_TARGET], original_weight)  # the LoRA is undone

@@ -150,3 +150,27 @@ def test_omega_schedule_workflow_runs_and_previews_its_schedule(run_workflow):
     preview_id = next(i for i, n in prompt.items() if n["class_type"] == "BPSOmegaPreview")
     shown = executor.history_result["outputs"][preview_id]["images"]
     assert len(shown) == 1 and shown[0]["type"] == "temp"
+
+
+def test_two_adapters_workflow_runs_with_a_sketch_and_a_layout_adapter(run_workflow, pack):
+    """The stacking example queues as shipped once its two adapters exist: a 1-channel sketch adapter
+    and a 3-channel layout adapter, each fed by its own Load Image."""
+    from PIL import Image
+
+    bps = pack.bps
+    layout = bps.BPSNetwork(bps.BPSConfig(hint_channels=3))
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in layout.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
+    bps.save_adapter(run_workflow.models / "bps_layout.safetensors", layout, hint_meaning="layout")
+    del layout
+
+    prompt = run_workflow("bps_two_adapters.json")
+    executor = run_workflow.executor
+    assert executor.success, _errors(executor)
+    loaders = sorted(n["inputs"]["adapter_name"] for n in prompt.values() if n["class_type"] == "BPSLoader")
+    assert loaders == ["bps_layout.safetensors", "bps_sketch.safetensors"]
+    saved = list(run_workflow.out.glob("bps_two_adapters*.png"))
+    assert len(saved) == 1 and Image.open(saved[0]).size == (64, 64)

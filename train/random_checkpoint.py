@@ -69,6 +69,20 @@ def random_sd15_model(dtype: torch.dtype = torch.float32, seed: int = 0):
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
+def random_sd15_controlnet(seed: int = 2):
+    """ComfyUI's SD1.5 ControlNet (3-channel hint) with seeded random weights, built from its config
+    and loaded through ComfyUI's own ControlNet loader, as ControlNetLoader would load a file."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in SD15_UNET_CONFIG.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                     dtype=torch.float32, device="cpu", **config)
+    _randomise(net, torch.Generator().manual_seed(seed))
+    return comfy.controlnet.load_controlnet_state_dict(net.state_dict())
+
+
 def random_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Full-size SD1.5 checkpoint state dict (UNet, VAE, CLIP-L) with seeded random weights."""
     import comfy.ldm.models.autoencoder
