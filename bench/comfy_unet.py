@@ -31,7 +31,10 @@ def boot_comfyui():
 
 
 def comfy_version() -> str:
-    """ComfyUI's version string."""
+    """ComfyUI's version string, also from a process that has not booted ComfyUI."""
+    root = str(comfy_host.comfyui_path())
+    if root not in sys.path:
+        sys.path.insert(0, root)
     import comfyui_version
     return comfyui_version.__version__
 
