@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import comfy_host
+
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
 
 
@@ -78,7 +80,11 @@ class _Server:
 @pytest.fixture()
 def run_workflow(pack, sd15_ckpt, full_adapter, tmp_path):
     """Run an example workflow through ComfyUI's PromptExecutor at 64x64 and one sampler step, with
-    the random checkpoint, a saved full-width adapter and a random sketch; returns the executor."""
+    the random checkpoint, a saved full-width adapter and a random sketch; returns the executor.
+
+    Each test gets a fresh executor, so each loads the checkpoint and adapters anew: they are
+    released after the test, or three workflows' models (~5 GB each) pile up in one process.
+    """
     import execution
     import folder_paths
     from PIL import Image
@@ -111,11 +117,14 @@ def run_workflow(pack, sd15_ckpt, full_adapter, tmp_path):
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         assert valid[0], valid
-        executor.execute(prompt, prompt_id, {}, valid[2])
+        run.executor.execute(prompt, prompt_id, {}, valid[2])
         return prompt
 
     run.executor, run.models, run.out = executor, models, tmp_path / "out"
-    return run
+    del executor  # run.executor is the only reference, dropped below
+    yield run
+    run.executor = None
+    comfy_host.release_memory()
 
 
 def _errors(executor) -> list[dict]:
