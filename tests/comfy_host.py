@@ -70,6 +70,20 @@ def trainer_pack():
     return pack
 
 
+def steering_network(bps, config=None, seed: int = 1):
+    """A B_phi (``bps.BPSConfig()`` unless ``config``) whose zero-initialised convs are not zero,
+    so it really steers: fan-in scaled normal weights, seeded, in eval mode without gradients."""
+    with torch.random.fork_rng():  # the default init of the biases, without touching the global RNG
+        torch.manual_seed(seed)
+        net = bps.BPSNetwork(config or bps.BPSConfig())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
+    return net.eval().requires_grad_(False)
+
+
 def release_memory() -> None:
     """Unload (and so unpatch) every model ComfyUI holds, free what nothing references, and hand
     the freed heap back to the OS.

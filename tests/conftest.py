@@ -64,16 +64,10 @@ def sd15(comfy):
 
 
 @pytest.fixture(scope="module")
-def full_adapter(pack, comfy):
+def full_adapter(pack):
     """A full-width SD1.5 adapter whose output convs are non-zero, so it really steers."""
     bps = pack.bps
-    net = bps.BPSNetwork(bps.BPSConfig())
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
-    net.eval().requires_grad_(False)
+    net = comfy_host.steering_network(bps, seed=1)
     return bps.Adapter(net, list(bps.PAPER_OMEGA), net.config, {}, None, "sketch")
 
 

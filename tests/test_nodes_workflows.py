@@ -167,12 +167,7 @@ def test_two_adapters_workflow_runs_with_a_sketch_and_a_layout_adapter(run_workf
     from PIL import Image
 
     bps = pack.bps
-    layout = bps.BPSNetwork(bps.BPSConfig(hint_channels=3))
-    g = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        for p in layout.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
+    layout = comfy_host.steering_network(bps, bps.BPSConfig(hint_channels=3), seed=8)
     bps.save_adapter(run_workflow.models / "bps_layout.safetensors", layout, hint_meaning="layout")
     del layout
 

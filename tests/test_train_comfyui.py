@@ -84,18 +84,6 @@ def _data(folder: Path, names=("a", "b"), size=64) -> Path:
     return folder
 
 
-def _random_network(bps, seed=1):
-    """A full-width network whose zero convs are not zero, so it really steers."""
-    torch.manual_seed(seed)
-    net = bps.BPSNetwork(bps.BPSConfig())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p[0].numel() ** 0.5))
-    return net.eval().requires_grad_(False)
-
-
 def _node(node_id):
     import nodes as comfy_nodes
     return comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
@@ -245,7 +233,7 @@ def test_trainer_forward_equals_the_bpsapply_node(trainer, base_holder):
     """Same network, latent, noise, timestep, prompt and hint: the trainer's steered UNet (what the
     loss sees) predicts the same noise as KSampler on the BPSApply-patched model."""
     bps, base = trainer.bps, base_holder["base"]
-    net = _random_network(bps)
+    net = comfy_host.steering_network(bps)
     omega = trainer.steered.training_omega("paper")
     g = torch.Generator().manual_seed(2)
     latent = torch.randn(1, 4, 8, 8, generator=g) * 5        # ComfyUI latent space (VAE output scale)
@@ -278,7 +266,7 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_gradients(trainer, ba
     backward pass) gives the same gradients; bf16 autocast gives finite, close ones."""
     bps, base = trainer.bps, base_holder["base"]
     grad_checkpoint = importlib.import_module(f"{trainer.pack.__name__}.train.grad_checkpoint")
-    net = _random_network(bps).train().requires_grad_(True)
+    net = comfy_host.steering_network(bps).train().requires_grad_(True)
     module = trainer.steered.SteeredUNet(net, base.model, trainer.steered.training_omega("paper"))
     g = torch.Generator().manual_seed(4)
     x, hint = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 1, 64, 64, generator=g)
