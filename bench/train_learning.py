@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import platform
 import sys
@@ -35,14 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
 
-
-def _entry():
-    spec = importlib.util.spec_from_file_location("bps_train_entry_bench", ROOT / "train" / "train_bps.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench.comfy_unet import comfy_host  # noqa: E402  the tests' loader of train/train_bps.py
 
 
 def evaluate(steered_cls, network, base, omega, items, timesteps, *, shuffle: bool, batch: int = 8) -> dict:
@@ -82,7 +76,7 @@ def main() -> int:
     p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = p.parse_args()
 
-    entry = _entry()
+    entry = comfy_host.trainer_entry()
     entry.boot_comfyui(entry.find_comfyui())
     pack = entry.import_pack()
     mod = {m: importlib.import_module(f"{pack.__name__}.train.{m}") for m in
