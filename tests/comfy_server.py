@@ -361,9 +361,22 @@ class ComfyServer:
             raise PromptFailed(f"prompt {prompt_id} ended with {final.type}: node {data.get('node_type')} "
                                f"({data.get('node_id')}): {data.get('exception_type')}: "
                                f"{data.get('exception_message')}", data)
-        history = self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
+        history = self._history(prompt_id)
         start = queued_at if queued_at is not None else events[0].time
         return PromptResult(prompt_id, history, events, start, final.time)
+
+    def _history(self, prompt_id: str, timeout: float = 60.0) -> dict:
+        # execution_success is sent from inside the executor; the worker files the history entry
+        # (outputs included) only after the executor returns, so poll until it is there.
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed"):
+                return entry
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} succeeded but its history entry did not appear within "
+                                   f"{timeout:.0f} s; log:\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def run(self, prompt: dict, timeout: float = 600.0) -> PromptResult:
         """Queue ``prompt`` and wait for it (one prompt at a time: the timing is the prompt's own)."""
