@@ -35,11 +35,13 @@ from .ports import NUM_PORTS, PAPER_OMEGA, PORTS
 
 FORMAT = "bps-adapter"
 #: Newest format this code writes and reads; files with a larger version are refused.
-FORMAT_VERSION = 1
+#: Version 2 stores the middle port's zero conv as ``zero_blocks.<N>`` (N = number of input
+#: blocks, 12 for SD1.5), its official name; version 1 stored it as ``middle_block.2``. Both load.
+FORMAT_VERSION = 2
 BASE_MODEL = "sd15"
 INJECTION_RULE = ("the residual of port i times omega_i is added to the output of every ResBlock and every "
                   "SpatialTransformer of the port's UNet block; Downsample/Upsample outputs get nothing")
-HINT_RANGE = "[0, 1], channels first, 8x the latent size"
+HINT_RANGE = "[0, 1], channels first, {downscale}x the latent size"
 
 #: Metadata keys every adapter must have (besides "format"), all JSON-encoded.
 REQUIRED_METADATA = ("format_version", "base_model", "config", "omega", "hint_meaning")
@@ -202,6 +204,19 @@ def _config_and_omega(path: str, meta: dict[str, Any]) -> tuple[BPSConfig, list[
     return config, [float(w) for w in omega]
 
 
+def file_tensor_names(network: BPSNetwork, version: int) -> dict[str, str]:
+    """State-dict name of each tensor of ``network`` -> its name in an adapter file of format ``version``.
+
+    Identity for the current format. Version 1 files name the middle port's zero conv
+    ``middle_block.2.*``; everything else has kept its name.
+    """
+    config, names = network.config, list(network.state_dict())
+    if version >= 2:
+        return {n: n for n in names}
+    middle = f"zero_blocks.{config.middle_zero_block}."
+    return {n: "middle_block.2." + n[len(middle):] if n.startswith(middle) else n for n in names}
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` holds no NaN or infinity (fast path: one float32-accumulated sum)."""
     # One float32-accumulated reduction is several times faster than isfinite().all() on half
@@ -252,7 +267,10 @@ def load_adapter(path: os.PathLike | str, *, device: torch.device | str = "cpu",
     # Built on the meta device: no memory, no init; the file's tensors are assigned below.
     with torch.device("meta"):
         network = BPSNetwork(config)
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    # Keyed by the name in the file (older formats named a few tensors differently).
+    in_file = file_tensor_names(network, meta["format_version"])
+    expected = {in_file[k]: tuple(v.shape) for k, v in network.state_dict().items()}
+    param_name = {f: n for n, f in in_file.items()}
     missing = [k for k in expected if k not in header]
     unexpected = [k for k in header if k not in expected]
     if missing or unexpected:
@@ -282,7 +300,7 @@ def load_adapter(path: os.PathLike | str, *, device: torch.device | str = "cpu",
                     raise _fail(path, f"tensor {name!r} contains NaN or infinite values",
                                 "The adapter is broken (often a diverged training run); use an earlier checkpoint "
                                 "or retrain with a lower learning rate")
-                state[name] = t.to(device=device, dtype=dtype)  # no copy when already right
+                state[param_name[name]] = t.to(device=device, dtype=dtype)  # no copy when already right
     except AdapterError:
         raise
     except Exception as e:  # a safetensors parse error the framing checks did not catch
@@ -343,7 +361,7 @@ def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequenc
         "hint_channels": json.dumps(config.hint_channels),
         "extra_channels": json.dumps(config.extra_channels),
         "hint_meaning": json.dumps(hint_meaning.strip()),
-        "hint_range": json.dumps(HINT_RANGE),
+        "hint_range": json.dumps(HINT_RANGE.format(downscale=config.downscale)),
         "omega": json.dumps(omega),
         "injection": json.dumps(INJECTION_RULE),
     }

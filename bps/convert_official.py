@@ -9,10 +9,19 @@ state), a bare ``control_model`` state dict (keys without prefix), or a ``.safet
 either. ``.ckpt``/``.pth`` files are read with ``torch.load(weights_only=True)`` only: a
 checkpoint that needs arbitrary unpickling is refused, never loaded unsafely.
 
+The four configurations of the official release are recognised by their first conv's inputs:
+
+    first conv  official config          condition image
+    64          bps_sd15_pidinet.yaml    1 channel (sketch), pixel-unshuffled by 8
+    192         bps_sd15_layout.yaml     3 channels (layout, segmentation), pixel-unshuffled by 8
+    256         bps_sd15_style.yaml      RGB + 1 extra map, each pixel-unshuffled by 8 (BPS_forstyle)
+    24          bps_sd15_style2.yaml     24 channels at latent resolution, no unshuffle (unshuffle_dim 1)
+
 What changes on the way: the official ``res_weights`` (fixed per-block scalars) become the
 adapter's default omega, and the zero convs of conv_in and the Downsample blocks
-(``zero_blocks.{0,3,6,9}``), which the official network never uses, are dropped. Every other
-tensor is copied unchanged (then stored in the chosen dtype).
+(``zero_blocks.{0,3,6,9}``) and ``res_weights`` 0 and 12, which the official forward never uses,
+are dropped. Every other tensor keeps its name and is copied unchanged (then stored in the chosen
+dtype).
 """
 
 from __future__ import annotations
@@ -35,11 +44,42 @@ from .ports import NUM_PORTS, PAPER_OMEGA, PORTS
 PREFIX = "model.diffusion_model.control_model."
 #: Prefixes tried in order; a state dict with none of them must be a bare control_model.
 PREFIXES = (PREFIX, "diffusion_model.control_model.", "control_model.")
-#: Official conv_in input channels -> (hint channels, extra-map channels), pixel-unshuffle by 8.
-HINT_LAYOUTS = {64: (1, 0), 192: (3, 0), 256: (3, 1)}
-#: Hint meaning assumed when --hint-meaning is not given, by (hint channels, extra channels).
-DEFAULT_HINT_MEANING = {(1, 0): "sketch", (3, 0): "layout", (3, 1): "style"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+_TOP_HEAVY = (16.0, 16.0, 1.0, 8.0, 8.0, 1.0, 4.0, 4.0, 1.0, 2.0, 2.0, 1.0, 16.0)
+
+
+@dataclass(frozen=True)
+class OfficialVariant:
+    """One B_phi configuration of the official release.
+
+    Attributes:
+        yaml: the official config file (``models/<yaml>``).
+        hint: the :class:`BPSConfig` fields that describe its condition image.
+        meaning: hint meaning stored in the adapter unless ``--hint-meaning`` says otherwise.
+        condition: what the condition image is, in words (for reports and messages).
+        yaml_res_weights: the yaml's ``res_weights`` (the official network holds ``[1] + these``);
+            the default omega when a checkpoint carries no ``res_weights`` entries.
+    """
+
+    yaml: str
+    hint: dict
+    meaning: str
+    condition: str
+    yaml_res_weights: tuple[float, ...]
+
+
+#: The official configurations, by the input channels of their first conv.
+OFFICIAL_VARIANTS: dict[int, OfficialVariant] = {
+    64: OfficialVariant("bps_sd15_pidinet.yaml", {"hint_channels": 1}, "sketch",
+                        "a 1-channel sketch (edges), pixel-unshuffled by 8", _TOP_HEAVY),
+    192: OfficialVariant("bps_sd15_layout.yaml", {"hint_channels": 3}, "layout",
+                         "a 3-channel layout/segmentation image, pixel-unshuffled by 8", (1.0,) * 13),
+    256: OfficialVariant("bps_sd15_style.yaml", {"hint_channels": 3, "extra_channels": 1, "extra_downscale": 8},
+                         "style", "RGB plus one extra map, each pixel-unshuffled by 8 (BPS_forstyle)", _TOP_HEAVY),
+    24: OfficialVariant("bps_sd15_style2.yaml", {"hint_channels": 24, "downscale": 1}, "style2",
+                        "a 24-channel map at latent resolution, not unshuffled (unshuffle_dim 1)", _TOP_HEAVY),
+}
 
 _DROP_ZERO = "zero conv of conv_in/a Downsample block: the official network never uses it"
 _DROP_RES = "port weight -> omega of port {port} = {w:g}, stored in the adapter's metadata"
@@ -60,15 +100,20 @@ class ConversionReport:
     hint_meaning: str = ""
     dtype: str = ""
     output: str = ""
+    variant: OfficialVariant | None = None
 
     def __str__(self) -> str:
         cfg = self.config
         hint = f"{cfg.hint_channels} channel(s)" + (f" + {cfg.extra_channels} extra map at factor "
                                                    f"{cfg.extra_downscale}" if cfg.extra_channels else "")
+        if self.variant is not None:
+            hint = f"{self.variant.condition} (official {self.variant.yaml})"
         names = [p.name for p in PORTS] if len(self.omega) == NUM_PORTS else [str(i) for i in range(len(self.omega))]
         lines = [f"wrote {self.output} ({self.dtype})" if self.output else "converted",
                  f"inferred config: {cfg.to_dict()}",
                  f"hint: {hint}, meaning {self.hint_meaning!r}",
+                 *([] if cfg.takes_image_hint else
+                   [f"note: {cfg.image_hint_problem()}"]),
                  f"kept {self.kept} tensors ({self.kept_numbers:,} numbers), names unchanged",
                  f"omega (from {self.omega_source}): " + ", ".join(f"{n}={w:g}" for n, w in zip(names, self.omega)),
                  f"dropped {len(self.dropped)} tensors:"]
@@ -114,12 +159,11 @@ def _shape(control: dict, key: str, source: str) -> tuple[int, ...]:
 def infer_config(control: dict[str, torch.Tensor], source: str = "checkpoint") -> BPSConfig:
     """Infer the architecture of an official control_model from its tensor shapes."""
     out_ch, in_ch, *_ = _shape(control, "input_blocks.0.weight", source)
-    layout = HINT_LAYOUTS.get(in_ch)
-    if layout is None:
-        raise AdapterError(f"{source!r}: the first conv takes {in_ch} channels; the known official layouts take "
-                           f"64 (1-channel sketch), 192 (3-channel layout/segmentation) or 256 (style: RGB + 1 "
-                           f"extra map), each pixel-unshuffled by 8. This checkpoint is not a supported BPS-v1-1 "
-                           f"variant")
+    variant = OFFICIAL_VARIANTS.get(in_ch)
+    if variant is None:
+        known = "; ".join(f"{n} ({v.yaml}: {v.condition})" for n, v in OFFICIAL_VARIANTS.items())
+        raise AdapterError(f"{source!r}: the first conv takes {in_ch} channels; the official configurations take "
+                           f"{known}. This checkpoint is not a supported BPS-v1-1 configuration")
     blocks = sorted({int(k.split(".")[1]) for k in control
                      if k.startswith("input_blocks.") and k.split(".")[1].isdigit()})
     downsamples = [b for b in blocks if f"input_blocks.{b}.op.weight" in control]
@@ -134,9 +178,8 @@ def infer_config(control: dict[str, torch.Tensor], source: str = "checkpoint") -
         raise AdapterError(f"{source!r}: encoder widths {widths} are not multiples of the first width {out_ch}")
     emb_dim = _shape(control, f"input_blocks.{resblocks[0]}.emb_layers.1.weight", source)[1]
     try:
-        return BPSConfig(hint_channels=layout[0], extra_channels=layout[1], model_channels=out_ch,
-                         channel_mult=tuple(w // out_ch for w in widths), num_res_blocks=per_level,
-                         time_embed_dim=emb_dim)
+        return BPSConfig(**variant.hint, model_channels=out_ch, channel_mult=tuple(w // out_ch for w in widths),
+                         num_res_blocks=per_level, time_embed_dim=emb_dim)
     except ValueError as e:
         raise AdapterError(f"{source!r}: the inferred architecture is invalid ({e})") from None
 
@@ -153,6 +196,19 @@ def _encoder_port_blocks(config: BPSConfig) -> list[int]:
     return blocks
 
 
+def fallback_res_weights(config: BPSConfig) -> dict[int, float]:
+    """The ``res_weights`` an official network of ``config`` starts with: ``[1] + the yaml's``.
+
+    Used when a checkpoint carries no ``res_weights`` (the official code always saves them). For a
+    block layout other than SD1.5's 12 input blocks, which no official yaml describes, every weight is 1.
+    """
+    variant = OFFICIAL_VARIANTS.get(config.in_channels)
+    n = config.num_input_blocks + 2
+    if variant is None or len(variant.yaml_res_weights) + 1 != n:
+        return {i: 1.0 for i in range(n)}
+    return dict(enumerate((1.0, *variant.yaml_res_weights)))
+
+
 def convert_official_state_dict(sd: dict, source: str = "checkpoint"
                                 ) -> tuple[dict[str, torch.Tensor], list[float], BPSConfig, dict[str, str]]:
     """Map an official state dict to ``(our state dict, omega, config, dropped key -> reason)``.
@@ -160,7 +216,7 @@ def convert_official_state_dict(sd: dict, source: str = "checkpoint"
     ``sd`` is a Lightning checkpoint, a full-model state dict or a bare control_model state dict.
     Kept tensors are the official ones, unchanged (same objects). Omega: encoder port i takes
     ``res_weights[block of port i]``, the middle port the last res_weights entry, decoder ports 1.0;
-    without res_weights the paper's defaults are used.
+    without res_weights, those of the official configuration's yaml (:func:`fallback_res_weights`).
 
     Raises:
         AdapterError: not a BPS control model, unknown layout, missing/unknown/misshapen
@@ -171,7 +227,7 @@ def convert_official_state_dict(sd: dict, source: str = "checkpoint"
     with torch.device("meta"):
         expected = BPSNetwork(config).state_dict()
     encoder_blocks = _encoder_port_blocks(config)
-    n_input_blocks = encoder_blocks[-1] + 1
+    n_input_blocks = config.num_input_blocks
 
     # res_weights: one per input block, one unused, and the last for the middle block.
     res: dict[int, float] = {}
@@ -190,12 +246,9 @@ def convert_official_state_dict(sd: dict, source: str = "checkpoint"
 
     n_enc, n_ports = len(encoder_blocks), config.num_ports
     port_names = [p.name for p in PORTS] if n_ports == NUM_PORTS else [str(i) for i in range(n_ports)]
-    if res:
-        omega = [res[b] for b in encoder_blocks] + [res[max(res)]] + [1.0] * (n_ports - n_enc - 1)
-        used = {b: i for i, b in enumerate(encoder_blocks)} | {max(res): n_enc}
-    else:
-        omega = list(PAPER_OMEGA) if n_ports == NUM_PORTS else [1.0] * n_ports
-        used = {}
+    weights = res or fallback_res_weights(config)
+    omega = [weights[b] for b in encoder_blocks] + [weights[max(weights)]] + [1.0] * (n_ports - n_enc - 1)
+    used = {b: i for i, b in enumerate(encoder_blocks)} | {max(weights): n_enc}
 
     state: dict[str, torch.Tensor] = {}
     dropped: dict[str, str] = {}
@@ -316,18 +369,22 @@ def convert_official(in_path: str, out_path: str, *, dtype: torch.dtype = torch.
     ckpt = read_checkpoint(in_path)
     _, ignored = split_control_model(ckpt, in_path)
     state, omega, config, dropped = convert_official_state_dict(ckpt, in_path)
+    variant = OFFICIAL_VARIANTS[config.in_channels]
     if hint_meaning is None:
-        hint_meaning = DEFAULT_HINT_MEANING[(config.hint_channels, config.extra_channels)]
+        hint_meaning = variant.meaning
     # The official tensors are assigned, not copied; save_adapter converts them one by one.
     with torch.device("meta"):
         network = BPSNetwork(config)
     network.load_state_dict(state, assign=True)
     save_adapter(out_path, network, omega=omega, dtype=dtype, hint_meaning=hint_meaning,
                  provenance=_provenance(in_path, ckpt))
+    has_res = any(k.startswith("res_weights.") for k in dropped)
+    omega_source = ("res_weights" if has_res else
+                    f"{variant.yaml}'s res_weights, since the checkpoint has none"
+                    if config.num_input_blocks + 1 == len(variant.yaml_res_weights) else
+                    "1 everywhere, since the checkpoint has no res_weights")
     return ConversionReport(config, omega, len(state), sum(v.numel() for v in state.values()), dropped, ignored,
-                            "res_weights" if any(k.startswith("res_weights.") for k in dropped)
-                            else "paper defaults: the checkpoint has no res_weights",
-                            hint_meaning, str(dtype).replace("torch.", ""), out_path)
+                            omega_source, hint_meaning, str(dtype).replace("torch.", ""), out_path, variant)
 
 
 def main(argv: list[str] | None = None) -> int:

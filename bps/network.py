@@ -1,10 +1,12 @@
 """The BPS network B_phi(t, c_add): a UNet-shaped CNN that turns a condition image and the UNet's
 time embedding into one residual map per port.
 
-The module tree mirrors the official release's ``control_model`` so that an official state dict
-loads after stripping its prefix (see :mod:`bps.convert_official`). Only parameters the official
-network actually uses are created: the zero convs of the conv_in and Downsample encoder blocks,
-and the ``res_weights`` scalars (omega lives in the adapter file, not in the network), are not.
+The module tree mirrors the official release's ``control_model`` name for name and shape for shape,
+so that an official state dict loads after stripping its prefix (see :mod:`bps.convert_official`).
+Only parameters the official network actually uses are created: the zero convs of the conv_in and
+Downsample encoder blocks, and the ``res_weights`` scalars (omega lives in the adapter file, not in
+the network), are not. As in the official network, the middle port's zero conv is the last entry
+of ``zero_blocks`` (``zero_blocks.12`` for SD1.5), not a child of ``middle_block``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class BPSConfig:
     """Architecture of a BPS network. The defaults are the official SD1.5 sketch configuration.
 
     Attributes:
-        hint_channels: channels of the condition image: 1 (sketch) or 3 (layout, segmentation, style).
+        hint_channels: channels of the condition image: 1 (sketch), 3 (layout, segmentation, style)
+            or, for the official style2 configuration, 24 (a map at latent resolution, downscale 1).
         extra_channels: channels of the style variant's extra map (0 = no extra map).
         extra_downscale: pixel-unshuffle factor of the extra map.
         model_channels: width of the first level; must match the UNet's (320 for SD1.5).
@@ -34,7 +37,7 @@ class BPSConfig:
         num_res_blocks: ResBlocks per encoder level (the decoder has one more per level).
         time_embed_dim: width of the UNet time embedding the network consumes (1280 for SD1.5).
         downscale: pixel-unshuffle factor of the hint; the VAE's factor (8) so the hint lands
-            at latent resolution.
+            at latent resolution, or 1 for a hint that already is at latent resolution.
     """
 
     hint_channels: int = 1
@@ -71,6 +74,47 @@ class BPSConfig:
     def in_channels(self) -> int:
         """Channels entering the first conv after pixel-unshuffling hint and extra map."""
         return self.hint_channels * self.downscale ** 2 + self.extra_channels * self.extra_downscale ** 2
+
+    @property
+    def num_input_blocks(self) -> int:
+        """Encoder blocks: conv_in, the ResBlocks, and a Downsample after every level but the last."""
+        levels = len(self.channel_mult)
+        return 1 + levels * self.num_res_blocks + levels - 1
+
+    @property
+    def middle_zero_block(self) -> str:
+        """Name of the middle port's zero conv in ``zero_blocks``: the last one, after one per encoder
+        block (``"12"`` for SD1.5), as in the official network."""
+        return str(self.num_input_blocks)
+
+    @property
+    def takes_image_hint(self) -> bool:
+        """True when a ComfyUI IMAGE can carry the hint: 1 (grey) or 3 (RGB) channels at 8x the
+        latent size, plus, for style adapters, the extra map packed by the hint preprocessor."""
+        return self.hint_channels in (1, 3) and self.downscale == 8
+
+    def hint_description(self) -> str:
+        """The condition this network takes, in words, e.g. "a 1-channel image at 8x the latent size"."""
+        where = ("at latent resolution, not pixel-unshuffled" if self.downscale == 1
+                 else f"at {self.downscale}x the latent size, pixel-unshuffled by {self.downscale}")
+        text = f"a {self.hint_channels}-channel {'image' if self.hint_channels in (1, 3) else 'map'} {where}"
+        if self.extra_channels:
+            text += (f", plus a {self.extra_channels}-channel extra map pixel-unshuffled by "
+                     f"{self.extra_downscale}")
+        return text
+
+    def image_hint_problem(self) -> str | None:
+        """Why a ComfyUI IMAGE cannot be this network's hint, or None when it can (see
+        :attr:`takes_image_hint`); the text says what the adapter expects and how to use it."""
+        if self.takes_image_hint:
+            return None
+        scale = "" if self.downscale == 1 else f"{self.downscale} x "
+        return (f"this adapter expects {self.hint_description()} (a tensor of shape (batch, "
+                f"{self.hint_channels}, {scale}latent height, {scale}latent width)), which a "
+                f"ComfyUI IMAGE (1 grey or 3 RGB channels at the image's size) cannot carry. Apply BPS steers "
+                f"with 1-channel (sketch), 3-channel (layout, segmentation) and style (RGB + extra map) "
+                f"adapters; use this one from Python with bps.load_adapter (its network takes the "
+                f"{self.hint_channels}-channel tensor), or train it with train/train_bps.py")
 
     @property
     def num_ports(self) -> int:
@@ -238,11 +282,13 @@ class BPSNetwork(nn.Module):
         self.input_blocks = nn.ModuleList(input_blocks)
         # The official zero convs of conv_in and the Downsamples are never used, so they are not
         # built; a ModuleDict keeps the official indices as names.
-        self.zero_blocks = nn.ModuleDict(zero_blocks)
         self._ported_inputs = tuple(int(k) for k in zero_blocks)
+        assert len(input_blocks) == config.num_input_blocks
+        # The middle port's zero conv comes last, after one slot per input block (official layout).
+        zero_blocks[config.middle_zero_block] = _zero(_conv3x3(ch, ch))
+        self.zero_blocks = nn.ModuleDict(zero_blocks)
 
-        self.middle_block = nn.ModuleList([ResBlock(ch, ch, emb_dim), ResBlock(ch, ch, emb_dim),
-                                           _zero(_conv3x3(ch, ch))])
+        self.middle_block = nn.ModuleList([ResBlock(ch, ch, emb_dim), ResBlock(ch, ch, emb_dim)])
 
         output_blocks = []
         for level, mult in reversed(list(enumerate(config.channel_mult))):
@@ -281,13 +327,15 @@ class BPSNetwork(nn.Module):
             hint, extra = hint[:, :cfg.hint_channels], hint[:, cfg.hint_channels:]
         if hint.shape[1] != cfg.hint_channels:
             want = f"{cfg.hint_channels}" + (f" (+{cfg.extra_channels} extra)" if cfg.extra_channels else "")
-            raise HintError(f"BPS hint has {hint.shape[1]} channels but this adapter expects {want}; "
-                            f"convert the condition image (e.g. to grayscale for 1-channel sketch adapters)")
+            fix = ("convert the condition image (e.g. to grayscale for 1-channel sketch adapters)"
+                   if cfg.hint_channels in (1, 3) else
+                   f"pass a {cfg.hint_channels}-channel map at {cfg.downscale}x the latent size")
+            raise HintError(f"BPS hint has {hint.shape[1]} channels but this adapter expects {want}; {fix}")
         h, w = hint.shape[-2:]
         if h % cfg.downscale or w % cfg.downscale:
             raise HintError(f"BPS hint is {h}x{w} pixels; its height and width must be multiples of "
-                            f"{cfg.downscale} (8x the latent size). Resize the condition image to match "
-                            f"the latent, e.g. {h // cfg.downscale * cfg.downscale}x"
+                            f"{cfg.downscale} ({cfg.downscale}x the latent size). Resize the condition image "
+                            f"to match the latent, e.g. {h // cfg.downscale * cfg.downscale}x"
                             f"{w // cfg.downscale * cfg.downscale}")
         x = self.unshuffle(hint.to(self.dtype))
         if cfg.extra_channels:
@@ -338,10 +386,10 @@ class BPSNetwork(nn.Module):
             if i in self._ported_inputs:
                 outs.append(self.zero_blocks[str(i)](h))
 
-        rb1, rb2, mid_out = self.middle_block
+        rb1, rb2 = self.middle_block
         h = self._run(rb1, h, emb)
         h = self._run(rb2, h, emb)
-        outs.append(mid_out(h))
+        outs.append(self.zero_blocks[self.config.middle_zero_block](h))
 
         for block in self.output_blocks:
             h = self._run(block[0], torch.cat([h, skips.pop()], dim=1))

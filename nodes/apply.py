@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 from comfy_api.latest import io
 
+from ..bps.errors import HintError
 from ..bps.schedule import make_schedule
 from .sockets import CATEGORY, BPSAdapterType, BPSOmegaType
 from .steering import attach_bps
+
+
+def refuse_unfeedable(adapter, node: str) -> None:
+    """Raise HintError when a ComfyUI IMAGE cannot be this adapter's condition (e.g. the official style2
+    configuration: a 24-channel map at latent resolution), saying what the adapter expects."""
+    problem = adapter.config.image_hint_problem()
+    if problem:
+        name = f" {os.path.basename(adapter.path)!r}" if adapter.path else ""
+        raise HintError(f"{node} cannot use the BPS adapter{name}: {problem}")
 
 
 class BPSApply(io.ComfyNode):
@@ -50,5 +62,6 @@ class BPSApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, bps_adapter, image, strength: float, start_percent: float, end_percent: float,
                 omega=None, mask=None) -> io.NodeOutput:
+        refuse_unfeedable(bps_adapter, "Apply BPS")
         schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent)
         return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask))

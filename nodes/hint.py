@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..bps.errors import HintError
+from .apply import refuse_unfeedable
 from .sockets import CATEGORY, BPSAdapterType
 from .steering import LUMA, fit_image
 
@@ -95,6 +96,7 @@ class BPSHintPreprocessor(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, bps_adapter, invert: bool, threshold: float, extra_map=None) -> io.NodeOutput:
+        refuse_unfeedable(bps_adapter, "BPS Hint Preprocessor")
         cfg = bps_adapter.config
         return io.NodeOutput(prepare_hint(image, cfg.hint_channels, cfg.extra_channels, invert=invert,
                                           threshold=threshold, extra_map=extra_map))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import comfy_host
+import official_checkpoints
 
 # CI's skip policy: with BPS_REQUIRE_ALL_TESTS set, any skipped test fails the session.
 from skip_policy import pytest_sessionfinish  # noqa: E402,F401  (a hook: pytest finds it by name)
@@ -34,6 +35,17 @@ def _memory_back_after_each_module():
     """
     yield
     comfy_host.release_memory()
+
+
+@pytest.fixture(scope="session")
+def official_keys():
+    """The official BPS-v1-1 key list, as tests/official_checkpoints.py; skips, with the reason
+    shown, when the file is missing (CI turns that skip into a failure)."""
+    reason = official_checkpoints.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    official_checkpoints.key_list()  # fails here, not in every test, if the file is not the expected one
+    return official_checkpoints
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def test_fp32_round_trip_is_bit_exact_with_all_metadata(good, net):
     assert all(p.device.type == "cpu" for p in a.network.parameters())
 
     meta = a.metadata
-    assert meta["format"] == "bps-adapter" and meta["format_version"] == 1 and meta["base_model"] == "sd15"
+    assert meta["format"] == "bps-adapter" and meta["format_version"] == 2 and meta["base_model"] == "sd15"
     assert meta["config"] == TINY.to_dict() and meta["omega"] == OMEGA
     assert meta["hint_channels"] == 1 and meta["extra_channels"] == 0 and meta["hint_meaning"] == "sketch"
     assert meta["omega_ports"] == [p.name for p in PORTS]
@@ -73,7 +73,7 @@ def test_metadata_is_json_strings_on_disk(good):
         raw = f.metadata()
     assert raw["format"] == "bps-adapter"
     assert json.loads(raw["config"]) == TINY.to_dict() and json.loads(raw["omega"]) == OMEGA
-    assert json.loads(raw["hint_meaning"]) == "sketch" and json.loads(raw["format_version"]) == 1
+    assert json.loads(raw["hint_meaning"]) == "sketch" and json.loads(raw["format_version"]) == 2
 
 
 def test_default_omega_and_dtype_is_paper_fp16(tmp_path, net):
@@ -106,6 +106,51 @@ def test_style_adapter_round_trip_keeps_hint_layout(tmp_path):
     assert load_adapter(path).config == cfg
 
 
+def _as_format_1(tmp_path, good, name="v1.safetensors"):
+    """``good`` as format version 1 wrote it: the middle port's zero conv named middle_block.2."""
+    def rename(state):
+        return {k.replace("zero_blocks.12.", "middle_block.2."): v for k, v in state.items()}
+    return _rewrite(tmp_path, good, rename, metadata={"format_version": "1"}, name=name)
+
+
+def test_format_1_files_load_quietly_with_the_middle_zero_conv_renamed(tmp_path, good, net, caplog, recwarn):
+    """Files written before the middle zero conv took its official name (zero_blocks.12) keep loading."""
+    old = _as_format_1(tmp_path, good)
+    from safetensors import safe_open
+    with safe_open(str(old), "pt") as f:
+        assert "middle_block.2.weight" in f.keys() and "zero_blocks.12.weight" not in f.keys()
+    with caplog.at_level("DEBUG"):
+        a = load_adapter(old)
+    assert not caplog.records and not recwarn.list  # nothing alarming: no warning, no log line
+    assert a.metadata["format_version"] == 1 and a.omega == OMEGA and a.config == TINY
+    ours = a.network.state_dict()
+    assert ours.keys() == net.state_dict().keys()
+    assert all(torch.equal(ours[k], v) for k, v in net.state_dict().items())
+    # re-saving writes the current format with the official name
+    save_adapter(tmp_path / "v2.safetensors", a.network, omega=a.omega, dtype=torch.float32)
+    assert read_adapter_metadata(tmp_path / "v2.safetensors")["format_version"] == 2
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("truncated", "the file is truncated"),
+    ("new names in an old file", "2 missing tensor(s) (e.g. middle_block.2.weight"),
+    ("nan", "'middle_block.2.bias' contains NaN or infinite"),
+])
+def test_damaged_format_1_files_are_refused_naming_the_file(tmp_path, good, case, problem):
+    if case == "truncated":
+        full = _as_format_1(tmp_path, good, "full.safetensors")
+        path = _write(tmp_path, "cut.safetensors", full.read_bytes()[:-1000])
+    elif case == "new names in an old file":
+        path = _rewrite(tmp_path, good, metadata={"format_version": "1"})
+    else:
+        full = _as_format_1(tmp_path, good, "full.safetensors")
+        path = _rewrite(tmp_path, full, lambda s: {**s, "middle_block.2.bias": torch.full_like(
+            s["middle_block.2.bias"], float("nan"))})
+    with pytest.raises(AdapterError) as err:
+        load_adapter(path)
+    assert repr(str(path)) in str(err.value) and problem in str(err.value), str(err.value)
+
+
 def test_save_refuses_bad_arguments(tmp_path, net):
     with pytest.raises(ValueError, match="safetensors"):
         save_adapter(tmp_path / "a.ckpt", net)
@@ -123,16 +168,16 @@ def test_save_refuses_bad_arguments(tmp_path, net):
 def test_save_refuses_non_finite_weights(tmp_path):
     broken = random_network(seed=3)
     with torch.no_grad():
-        broken.middle_block[2].bias[0] = float("inf")
-    with pytest.raises(AdapterError, match=r"'middle_block\.2\.bias' contains NaN or infinite"):
+        broken.zero_blocks["12"].bias[0] = float("inf")
+    with pytest.raises(AdapterError, match=r"'zero_blocks\.12\.bias' contains NaN or infinite"):
         save_adapter(tmp_path / "x.safetensors", broken)
     big = random_network(seed=3)
     with torch.no_grad():
-        big.middle_block[2].bias[0] = 1e6  # finite in fp32, overflows fp16
+        big.zero_blocks["12"].bias[0] = 1e6  # finite in fp32, overflows fp16
     with pytest.raises(AdapterError, match="torch.float32"):
         save_adapter(tmp_path / "x.safetensors", big, dtype=torch.float16)
     save_adapter(tmp_path / "x.safetensors", big, dtype=torch.float32)
-    assert load_adapter(tmp_path / "x.safetensors").network.middle_block[2].bias[0] == 1e6
+    assert load_adapter(tmp_path / "x.safetensors").network.zero_blocks["12"].bias[0] == 1e6
     assert sorted(os.listdir(tmp_path)) == ["x.safetensors"]
 
 
@@ -295,17 +340,17 @@ CASES = {
                                                                             b'"format":["bps-adapter"]')),
                          "metadata is garbled", RESAVE),
     "missing tensor": (lambda t, g: _rewrite(t, g, lambda s: {k: v for k, v in s.items()
-                                                             if k != "middle_block.2.bias"}),
-                       "1 missing tensor(s) (e.g. middle_block.2.bias)", "re-save or re-convert"),
+                                                             if k != "zero_blocks.12.bias"}),
+                       "1 missing tensor(s) (e.g. zero_blocks.12.bias)", "re-save or re-convert"),
     "unexpected tensor": (lambda t, g: _rewrite(t, g, lambda s: {**s, "zero_blocks.3.weight":
                                                                  torch.zeros(32, 32, 3, 3)}),
                           "1 unexpected tensor(s) (e.g. zero_blocks.3.weight)", "re-save or re-convert"),
-    "wrong shape": (lambda t, g: _rewrite(t, g, lambda s: {**s, "middle_block.2.bias": torch.zeros(3)}),
-                    "'middle_block.2.bias' has shape (3,), expected (128,)", "re-save or re-convert"),
+    "wrong shape": (lambda t, g: _rewrite(t, g, lambda s: {**s, "zero_blocks.12.bias": torch.zeros(3)}),
+                    "'zero_blocks.12.bias' has shape (3,), expected (128,)", "re-save or re-convert"),
     "nan": (lambda t, g: _rewrite(t, g, _poison(float("nan"))), "NaN or infinite", "use an earlier checkpoint"),
     "inf": (lambda t, g: _rewrite(t, g, _poison(float("-inf"))), "NaN or infinite", "use an earlier checkpoint"),
-    "newer version": (lambda t, g: _rewrite(t, g, metadata={"format_version": "2"}),
-                      "format version 2 is newer", "Update ComfyUI-BPS"),
+    "newer version": (lambda t, g: _rewrite(t, g, metadata={"format_version": "3"}),
+                      "format version 3 is newer", "Update ComfyUI-BPS"),
     "garbled version": (lambda t, g: _rewrite(t, g, metadata={"format_version": '"one"'}),
                         "not a version number", RESAVE),
     "sdxl": (lambda t, g: _rewrite(t, g, metadata={"base_model": '"sdxl"'}),

@@ -69,6 +69,24 @@ def test_hint_preprocessor_packs_the_style_extra_map_and_refuses_mismatches(pack
         run(image, style, False, 0.0, extra_map=_image(batch=3))
 
 
+def test_apply_bps_and_the_preprocessor_refuse_adapters_no_image_can_feed(pack):
+    """The official style2 configuration takes a 24-channel map at latent resolution: no IMAGE carries it,
+    so both nodes refuse, saying what the adapter expects (before touching the MODEL)."""
+    bps = pack.bps
+    style2 = _adapter(bps, hint_channels=24, downscale=1)
+    style2.path = "/models/bps/bps_style2.safetensors"
+    image = _image()
+    with pytest.raises(bps.HintError) as err:
+        _node("BPSApply").execute(object(), style2, image, 1.0, 0.0, 1.0)
+    message = str(err.value)
+    assert message.startswith("Apply BPS cannot use the BPS adapter 'bps_style2.safetensors': this adapter "
+                              "expects a 24-channel map at latent resolution"), message
+    assert "(batch, 24, latent height, latent width)" in message and "IMAGE" in message
+    assert "bps.load_adapter" in message
+    with pytest.raises(bps.HintError, match="BPS Hint Preprocessor cannot use .* 24-channel map"):
+        _node("BPSHintPreprocessor").execute(image, style2, False, 0.0)
+
+
 def test_omega_preview_plots_what_apply_bps_would_use(pack):
     preview = _node("BPSOmegaPreview")
     spec = _node("BPSOmegaSchedule").execute("paper", 1.0, 1.0, 1.0, "", "linear_down", "").args[0]

@@ -155,7 +155,8 @@ def test_training_omega_follows_the_preset_and_freezes_unreachable_branches(trai
     n_train, n_all = trainable.freeze_unreachable(net, e)
     frozen = {n.split(".")[0] for n, p in net.named_parameters() if not p.requires_grad}
     live = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
-    assert frozen == {"middle_block", "output_blocks"} and live == {"input_blocks", "zero_blocks"}
+    assert frozen == {"middle_block", "output_blocks", "zero_blocks"} and live == {"input_blocks", "zero_blocks"}
+    assert not net.zero_blocks["12"].weight.requires_grad  # the middle port's zero conv: off with the middle
     assert 0 < n_train < n_all
 
 
@@ -297,6 +298,58 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_gradients(trainer, ba
     for a, b in zip(plain, grads(torch.bfloat16)):
         assert torch.isfinite(b).all() and float((a - b).norm() / a.norm()) < 0.1
     del net, module
+    comfy_host.release_memory()
+
+
+# ------------------------------------------------- style and style2: every configuration the converter knows
+
+def _style_data(folder: Path, layout: str, names=("a", "b")) -> Path:
+    """Plain-layout pairs for a style adapter (RGB source + extra/ grey map) or a style2 one
+    (source/NAME.npy: 24 channels at latent resolution, 8x8 for the 64x64 targets)."""
+    from train.demo_data import draw_pair  # noqa: PLC0415 - plain pure module
+    import numpy as np  # noqa: PLC0415
+    for i, n in enumerate(names):
+        sketch, image, caption = draw_pair(i, 64)
+        for sub in ("source", "target", "extra"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / "target" / f"{n}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        (folder / "target" / f"{n}.txt").write_text(caption)
+        if layout == "style":
+            cv2.imwrite(str(folder / "source" / f"{n}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(folder / "extra" / f"{n}.png"), sketch)
+        else:
+            np.save(folder / "source" / f"{n}.npy",
+                    np.random.default_rng(i).random((24, 8, 8)).astype(np.float32))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["style", "style2"])
+def test_the_trainer_trains_the_style_configurations(trainer, base_holder, sd15_ckpt, tmp_path, shared_cache,
+                                                     layout):
+    """Two steps on style data (RGB + extra map, official BPS_forstyle) and style2 data (24-channel maps
+    at latent resolution): the adapter has the official configuration's hint layout, loads, and its first
+    conv learned from every condition channel (the second step is the first whose gradient gets past the
+    zero convs). --omega E keeps the optimizer state small."""
+    entry, bps, base = trainer.entry, trainer.bps, base_holder["base"]
+    data = _style_data(tmp_path / "data", layout)
+    out = tmp_path / f"{layout}.safetensors"
+    extra = ["--hint-channels", "3", "--extra-map"] if layout == "style" else ["--hint-channels", "24"]
+    argv = ["--ckpt", str(sd15_ckpt), "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--grad-accum", "1", "--lr", "1e-3", "--omega", "E", "--save-every", "0", "--cache-dir",
+            str(shared_cache), *extra, *FAST]
+    assert entry.main(argv, base=base) == 0
+    adapter = bps.load_adapter(out, dtype=torch.float32)
+    cfg = adapter.config
+    want = (3, 1, 8, 256) if layout == "style" else (24, 0, 1, 24)
+    assert (cfg.hint_channels, cfg.extra_channels, cfg.downscale, cfg.in_channels) == want
+    assert adapter.hint_meaning == layout and cfg.is_sd15_layout
+    torch.manual_seed(0)  # the trainer's initial weights (--seed 0)
+    fresh = bps.BPSNetwork(bps.BPSConfig(**{k: getattr(cfg, k) for k in ("hint_channels", "extra_channels",
+                                                                          "downscale")})).requires_grad_(False)
+    moved = (adapter.network.input_blocks[0].weight - fresh.input_blocks[0].weight).abs()
+    per_channel = moved.amax(dim=(0, 2, 3))  # one value per unshuffled input channel
+    assert per_channel.shape == (want[3],) and float(per_channel.min()) > 1e-4, per_channel.min()
+    del adapter, fresh
     comfy_host.release_memory()
 
 

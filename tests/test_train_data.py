@@ -22,6 +22,7 @@ from train.cache import CacheConfig, CachedPairs, TrainingCache, collate, sample
 from train.cli import build_parser, checkpoint_dir, parse_args  # noqa: E402
 from train.data_order import BatchStream, steps_for_epochs  # noqa: E402
 from train.dataset import DataError, find_pairs, load_pairs  # noqa: E402
+from train.hint_layout import HintLayout  # noqa: E402
 from train.demo_data import NUM_PAIRS, draw_pair, write_demo_set  # noqa: E402
 from train.images import fit_image, read_image, training_size  # noqa: E402
 from train.loss_log import LossLog, draw_loss_curve, read_loss_log  # noqa: E402
@@ -134,6 +135,128 @@ def test_unusable_folders_say_what_to_do(tmp_path):
         find_pairs(tmp_path)
 
 
+# ------------------------------------------------- style (RGB + extra map) and style2 (24-channel maps)
+
+STYLE = HintLayout(3, extra_map=True)
+STYLE2 = HintLayout(24)
+
+
+def _style(tmp_path: Path, names=("a", "b")) -> Path:
+    for i, n in enumerate(names):
+        _png(tmp_path / "source" / f"{n}.png", value=40 + i)
+        _png(tmp_path / "extra" / f"{n}.png", value=200 - i, channels=1)
+        _png(tmp_path / "target" / f"{n}.png")
+        (tmp_path / "target" / f"{n}.txt").write_text(f"style {n}")
+    return tmp_path
+
+
+def _map(path: Path, h: int = 4, w: int = 4, channels_first: bool = True, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).random((24, h, w) if channels_first else (h, w, 24)).astype(np.float32)
+    np.save(path, arr)
+    return path
+
+
+def _style2(tmp_path: Path, names=("a", "b")) -> Path:
+    for i, n in enumerate(names):
+        _map(tmp_path / "source" / f"{n}.npy", channels_first=i % 2 == 0, seed=i)  # 4x4 = 32x32 px / 8
+        _png(tmp_path / "target" / f"{n}.png")
+        (tmp_path / "target" / f"{n}.txt").write_text(f"style2 {n}")
+    return tmp_path
+
+
+def test_style_pairs_take_their_extra_map_from_extra_or_the_json_record(tmp_path):
+    data = _style(tmp_path / "plain")
+    pairs, problems = load_pairs(data, hint=STYLE)
+    assert problems == [] and [p.extra for p in pairs] == [data / "extra" / "a.png", data / "extra" / "b.png"]
+    official = _style(tmp_path / "official", names=("0",))
+    (official / "extra" / "0.png").rename(official / "extra" / "zero.png")
+    (official / "prompt.json").write_text(json.dumps(
+        {"source": "source/0.png", "target": "target/0.png", "extra": "extra/zero.png", "prompt": "p"}))
+    pairs, problems = load_pairs(official, hint=STYLE)
+    assert problems == [] and pairs[0].extra == official / "extra" / "zero.png"
+    assert find_pairs(data)[0][0].extra is None  # other adapters ignore extra/
+
+
+def test_bad_style_and_style2_data_is_reported_all_at_once(tmp_path):
+    style = _style(tmp_path / "style", names=("good", "noextra", "small"))
+    (style / "extra" / "noextra.png").unlink()
+    _png(style / "extra" / "small.png", h=16, w=16, channels=1)
+    with pytest.raises(DataError) as e:
+        load_pairs(style, hint=STYLE)
+    msg = str(e.value)
+    assert len(e.value.problems) == 2 and "good" not in msg
+    assert "no extra map extra/noextra.*" in msg and "extra map small.png is 16x16" in msg
+
+    maps = _style2(tmp_path / "style2", names=("good", "wrongsize", "wrongchannels", "nan", "pickled", "png"))
+    _map(maps / "source" / "wrongsize.npy", h=8, w=8)
+    np.save(maps / "source" / "wrongchannels.npy", np.zeros((3, 4, 4), np.float32))
+    np.save(maps / "source" / "nan.npy", np.full((24, 4, 4), np.nan, np.float32))
+    np.save(maps / "source" / "pickled.npy", np.array([{"not": "an array"}], dtype=object), allow_pickle=True)
+    (maps / "source" / "png.npy").unlink()
+    _png(maps / "source" / "png.png")  # an image where a map belongs
+    with pytest.raises(DataError) as e:
+        load_pairs(maps, hint=STYLE2)
+    msg = str(e.value)
+    assert len(e.value.problems) == 5 and "good" not in msg, msg
+    assert "condition map wrongsize.npy is 8x8 but target wrongsize.png is 32x32" in msg and "must be 4x4" in msg
+    assert "shape (3, 4, 4), expected (24, h, w) or (h, w, 24)" in msg and "NaN or infinite" in msg
+    assert "pickled.npy is unreadable" in msg and "no condition map source/png.npy" in msg
+
+
+def test_cache_packs_the_style_extra_map_and_keeps_style2_maps_as_floats(tmp_path):
+    def encode(pixels):
+        return torch.zeros(pixels.shape[0], 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+    style = _style(tmp_path / "style")
+    pairs, _ = load_pairs(style, hint=STYLE)
+    config = CacheConfig(size=(64, 64), hint_channels=3, base_identity="base0", extra_map=True)
+    cache = TrainingCache(tmp_path / "cache", config)
+    keys = sample_keys(pairs, config)
+    cache.encode_samples(pairs, keys, encode)
+    cache.encode_prompts([q for pair in pairs for q in pair.prompts], lambda p: torch.zeros(1, 77, 768))
+    item = CachedPairs(cache, keys, pairs)[0]
+    assert item["hint"].shape == (4, 64, 64) and item["hint"].dtype == torch.float32
+    assert torch.allclose(item["hint"][:3], torch.full((3, 64, 64), 40 / 255))
+    assert torch.allclose(item["hint"][3], torch.full((64, 64), 200 / 255))
+    _png(style / "extra" / "a.png", value=9, channels=1)  # a changed extra map -> a new key for that pair
+    assert sample_keys(pairs, config)[0] != keys[0] and sample_keys(pairs, config)[1] == keys[1]
+
+    maps = _style2(tmp_path / "style2")
+    pairs, _ = load_pairs(maps, hint=STYLE2)
+    config = CacheConfig(size=(64, 64), hint_channels=24, base_identity="base0")
+    cache = TrainingCache(tmp_path / "cache2", config)
+    keys = sample_keys(pairs, config)
+    cache.encode_samples(pairs, keys, encode)
+    cache.encode_prompts([q for pair in pairs for q in pair.prompts], lambda p: torch.zeros(1, 77, 768))
+    items = [CachedPairs(cache, keys, pairs)[i] for i in range(2)]
+    assert all(it["hint"].shape == (24, 8, 8) and it["hint"].dtype == torch.float32 for it in items)
+    for item, seed, first in zip(items, (0, 1), (True, False)):  # (24, h, w) and (h, w, 24) files alike
+        arr = np.random.default_rng(seed).random((24, 4, 4) if first else (4, 4, 24)).astype(np.float32)
+        arr = arr if first else np.moveaxis(arr, -1, 0)
+        up = torch.from_numpy(arr).repeat_interleave(2, 1).repeat_interleave(2, 2)  # 4x4 -> 8x8 (cubic)
+        assert float((item["hint"] - up).abs().mean()) < 0.2  # the map itself, resized to the latent size
+
+
+def test_cli_condition_layouts(capsys):
+    base = ["--ckpt", "x.safetensors", "--out", "o.safetensors", "--data", "d"]
+    assert parse_args(base).hint_meaning == "sketch"
+    assert parse_args(base + ["--hint-channels", "3"]).hint_meaning == "image"
+    style = parse_args(base + ["--hint-channels", "3", "--extra-map"])
+    assert style.extra_map and style.hint_meaning == "style"
+    assert parse_args(base + ["--hint-channels", "24"]).hint_meaning == "style2"
+    for bad, says in ((["--extra-map"], "--extra-map goes with an RGB condition"),
+                      (["--hint-channels", "24", "--extra-map"], "--extra-map goes with an RGB condition")):
+        with pytest.raises(SystemExit):
+            parse_args(base + bad)
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--ckpt", "x", "--out", "o.safetensors", "--hint-channels", "24"])
+    assert "need --data DIR" in capsys.readouterr().err
+    assert HintLayout(24).network_fields() == {"hint_channels": 24, "extra_channels": 0, "downscale": 1}
+    assert STYLE.network_fields() == {"hint_channels": 3, "extra_channels": 1, "downscale": 8}
+
+
 # ----------------------------------------------------------------------------- demo set
 
 def test_demo_set_is_deterministic_and_loads(tmp_path):
@@ -188,7 +311,7 @@ def test_cli_help_documents_every_option_with_default():
     text = build_parser().format_help()
     for name in ("--ckpt", "--data", "--out", "--steps", "--resolution", "--batch-size", "--grad-accum", "--lr",
                  "--mixed-precision", "--gradient-checkpointing", "--seed", "--save-every", "--resume",
-                 "--overwrite", "--skip-bad", "--omega", "--hint-channels", "--epochs", "--warmup-steps",
+                 "--overwrite", "--skip-bad", "--omega", "--hint-channels", "--extra-map", "--epochs", "--warmup-steps",
                  "--validate-every", "--num-workers"):
         assert name in text
     for action in build_parser()._actions:

@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .dataset import Pair
+from .hint_layout import LATENT_FACTOR, HintLayout
 from .images import fit_image, read_image
+from .latent_maps import fit_map, read_map
 
 CACHE_VERSION = "bps-train-cache-1"
 
@@ -72,13 +74,21 @@ class CacheConfig:
     hint_channels: int
     base_identity: str               # checkpoint_identity() of the SD1.5 file
     encoder_tag: str = ""            # e.g. VAE dtype: entries from another precision are not reused
+    extra_map: bool = False          # style adapters: an extra map packed after the RGB channels
+
+    @property
+    def hint(self) -> HintLayout:
+        """The condition layout these entries hold."""
+        return HintLayout(self.hint_channels, self.extra_map)
 
 
 def sample_keys(pairs: Sequence[Pair], config: CacheConfig, workers: int = 4) -> list[str]:
     """Cache key of each pair (hashes the image files)."""
     def one(pair: Pair) -> str:
+        # the extra map enters the key only when there is one, so other adapters' keys stay as they were
+        extra = ("extra", file_digest(pair.extra)) if pair.extra else ()
         return _key("sample", file_digest(pair.source), file_digest(pair.target), config.size,
-                    config.hint_channels, config.base_identity, config.encoder_tag)
+                    config.hint_channels, config.base_identity, config.encoder_tag, *extra)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(pool.map(one, pairs))
 
@@ -93,11 +103,26 @@ def data_fingerprint(keys: Sequence[str], pairs: Sequence[Pair]) -> str:
     return _key("data", *keys, *("\x1e".join(p.prompts) for p in pairs))
 
 
-def prepare_pair(pair: Pair, size: tuple[int, int], hint_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(target RGB uint8 HxWx3, hint uint8 HxWxC) at the training size."""
+def prepare_pair(pair: Pair, size: tuple[int, int], hint: HintLayout | int) -> tuple[np.ndarray, np.ndarray]:
+    """(target RGB uint8 HxWx3, hint) at the training size ``size`` (pixels).
+
+    The hint is uint8 ``HxWxC`` for images (a style adapter's extra map, as luminance, packed after
+    the RGB channels), or float32 ``(H/8)x(W/8)xC`` for a latent-resolution map.
+    """
+    hint = HintLayout(hint) if isinstance(hint, int) else hint
     target = fit_image(read_image(pair.target, 3), size)
-    hint = fit_image(read_image(pair.source, hint_channels), size)
-    return target, hint
+    if hint.latent_map:
+        latent_size = (size[0] // LATENT_FACTOR, size[1] // LATENT_FACTOR)
+        return target, fit_map(read_map(pair.source, hint.channels), latent_size)
+    condition = fit_image(read_image(pair.source, hint.channels), size)
+    if hint.extra_map:
+        condition = np.concatenate([condition, fit_image(read_image(pair.extra, 1), size)], axis=2)
+    return target, condition
+
+
+def hint_values(hint: torch.Tensor) -> torch.Tensor:
+    """A cached hint as float32 in the network's range: uint8 images / 255, maps as stored."""
+    return hint.float() / 255.0 if hint.dtype == torch.uint8 else hint.float()
 
 
 class TrainingCache:
@@ -126,7 +151,7 @@ class TrainingCache:
                        workers: int = 4) -> int:
         """Encode and store every pair that is not cached; returns how many were encoded."""
         todo = self.missing_samples(keys)
-        size, channels = self.config.size, self.config.hint_channels
+        size, channels = self.config.size, self.config.hint
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
@@ -151,7 +176,7 @@ class TrainingCache:
         return len(todo)
 
     def load_sample(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent (4, h, w) float32, hint (C, H, W) uint8) of a cached pair."""
+        """(latent (4, h, w) float32, hint (C, H, W): uint8 image or float32 map) of a cached pair."""
         d = load_file(str(self.sample_path(key)))
         return d["latent"], d["hint"]
 
@@ -174,7 +199,7 @@ class CachedPairs(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         latent, hint = self.cache.load_sample(self.keys[index])
         conds = [self.cache.load_text(p) for p in self.prompts[index]]
-        return {"index": index, "latent": latent, "hint": hint.float() / 255.0, "conds": conds}
+        return {"index": index, "latent": latent, "hint": hint_values(hint), "conds": conds}
 
 
 def collate(items: list[dict]) -> dict:

@@ -18,6 +18,13 @@ Data layouts (--data DIR):
             "source", "target" and "prompt" (string or list of captions)
   plain     same file names in DIR/source/ and DIR/target/, captions in target/NAME.txt or
             DIR/captions/NAME.txt, or one --prompt for all pairs
+Condition inputs (the four official configurations):
+  sketch    --hint-channels 1: source/NAME.png as luminance (default)
+  layout    --hint-channels 3: source/NAME.png as RGB
+  style     --hint-channels 3 --extra-map: source/NAME.png as RGB plus extra/NAME.png, a grey
+            map of the same size (official BPS_forstyle)
+  style2    --hint-channels 24: source/NAME.npy, 24 channels at latent resolution (1/8 of the
+            target's width and height), shaped (24, h, w) or (h, w, 24)
 Without --data the trainer draws a demo set of 40 shape sketches and trains on it.
 """
 
@@ -102,12 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--omega", default="paper", choices=PRESETS,
                      help="omega preset of the encoder and middle ports (fixed, not trained; decoder ports "
                           "use 1 as in the official recipe). Stored in the adapter. Default: paper.")
-    rec.add_argument("--hint-channels", type=int, default=1, choices=(1, 3),
-                     help="channels of the condition image: 1 (sketch, edges) or 3 (layout, segmentation, "
-                          "RGB). Default: 1.")
+    rec.add_argument("--hint-channels", type=int, default=1, choices=(1, 3, 24),
+                     help="channels of the condition: 1 (sketch, edges), 3 (layout, segmentation, RGB) or 24 "
+                          "(a .npy map at latent resolution, the official style2 configuration). Default: 1.")
+    rec.add_argument("--extra-map", action="store_true",
+                     help="style adapter (official BPS_forstyle): an RGB condition plus a grey extra map per "
+                          "pair from DIR/extra/ (same name and size as the source); needs --hint-channels 3. "
+                          "Default: off.")
     rec.add_argument("--hint-meaning", default=None,
                      help='what the condition image is, stored in the adapter ("sketch", "segmentation"...). '
-                          "Default: sketch for 1 channel, image for 3.")
+                          "Default: sketch for 1 channel, image for 3, style with --extra-map, style2 for 24.")
     rec.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order. "
                                                          "Default: 0.")
 
@@ -151,8 +162,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--generic-prompt-prob must be between 0 and 1, got {args.generic_prompt_prob}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    if args.hint_meaning is None:
-        args.hint_meaning = "sketch" if args.hint_channels == 1 else "image"
+    if args.extra_map and args.hint_channels != 3:
+        parser.error(f"--extra-map goes with an RGB condition: pass --hint-channels 3 (got {args.hint_channels})")
+    if (args.extra_map or args.hint_channels == 24) and not args.data:
+        parser.error("the built-in demo set has sketches only: style adapters (--extra-map, --hint-channels 24) "
+                     "need --data DIR")
+    if args.hint_meaning is None:  # train.hint_layout.HintLayout.default_meaning (this file imports nothing)
+        args.hint_meaning = "style" if args.extra_map else {1: "sketch", 3: "image", 24: "style2"}[args.hint_channels]
     return args
 
 

@@ -8,6 +8,10 @@ Two layouts are understood:
 * plain: the same file names (extension may differ) in ``source/`` and ``target/``; captions in
   ``<name>.txt`` next to the target or in ``captions/``, or one shared ``--prompt``.
 
+Style adapters also read an extra map per pair from ``extra/`` (same name as the source, or the
+record's ``"extra"`` entry); 24-channel adapters read ``source/NAME.npy`` arrays instead of images
+(see :mod:`train.hint_layout`).
+
 Every problem (missing file, unreadable or corrupt image, source/target size mismatch, empty
 caption, broken JSON record) is collected and reported in one go, before any model is loaded.
 No torch, no ComfyUI.
@@ -20,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .hint_layout import EXTRA_FOLDER, LATENT_FACTOR, MAP_SUFFIX, HintLayout
 from .images import IMAGE_SUFFIXES, ImageReadError, image_size
+from .latent_maps import MapReadError, map_size
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class Pair:
     source: Path
     target: Path
     prompts: tuple[str, ...]
+    extra: Path | None = None  # a style adapter's extra map
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,27 @@ class DataError(ValueError):
         self.problems = list(problems or [])
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def _is_image(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> bool:
+    return path.is_file() and path.suffix.lower() in suffixes
+
+
+def _source_suffixes(hint: HintLayout) -> tuple[str, ...]:
+    return (MAP_SUFFIX,) if hint.latent_map else IMAGE_SUFFIXES
+
+
+def _extra_for(data_dir: Path, source: Path, declared: str | None = None) -> tuple[Path | None, str | None]:
+    """A style pair's extra map (the record's entry, else extra/<source name>.*), or (None, problem)."""
+    if declared:
+        found = _resolve(data_dir, declared, EXTRA_FOLDER)
+        if found is None:
+            return None, f"extra map not found: {declared} (looked in {data_dir} and {data_dir / EXTRA_FOLDER})"
+        return found, None
+    folder = data_dir / EXTRA_FOLDER
+    matches = sorted(p for p in folder.glob(f"{source.stem}.*") if _is_image(p)) if folder.is_dir() else []
+    if not matches:
+        return None, (f"no extra map {EXTRA_FOLDER}/{source.stem}.* for it (style adapters take one grey extra "
+                      f"map per condition image, the same size)")
+    return matches[0], None
 
 
 def _clean_caption(text: str) -> str:
@@ -98,7 +124,8 @@ def _resolve(data_dir: Path, value: str, folder: str) -> Path | None:
     return None
 
 
-def _official_pairs(data_dir: Path, json_path: Path, prompt: str | None) -> tuple[list[Pair], list[Problem]]:
+def _official_pairs(data_dir: Path, json_path: Path, prompt: str | None,
+                    hint: HintLayout) -> tuple[list[Pair], list[Problem]]:
     records, problems = _read_records(json_path)
     pairs = []
     for where, rec in records:
@@ -129,18 +156,24 @@ def _official_pairs(data_dir: Path, json_path: Path, prompt: str | None) -> tupl
         if not captions:
             problems.append(Problem(where, "empty prompt"))
             continue
+        extra = None
+        if hint.extra_map and paths["source"] is not None:
+            extra, problem = _extra_for(data_dir, paths["source"], rec.get("extra"))
+            if problem:
+                problems.append(Problem(where, problem))
+                bad = True
         if not bad:
-            pairs.append(Pair(where, paths["source"], paths["target"], tuple(captions)))
+            pairs.append(Pair(where, paths["source"], paths["target"], tuple(captions), extra))
     return pairs, problems
 
 
 # -------------------------------------------------------------------------------- plain layout
 
-def _by_stem(folder: Path) -> tuple[dict[str, Path], list[Problem]]:
+def _by_stem(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple[dict[str, Path], list[Problem]]:
     found: dict[str, Path] = {}
     problems = []
     for p in sorted(folder.iterdir()):
-        if not _is_image(p):
+        if not _is_image(p, suffixes):
             continue
         if p.stem in found:
             problems.append(Problem(f"{folder.name}/{p.name}", f"two images named {p.stem!r} "
@@ -164,8 +197,8 @@ def _caption_for(data_dir: Path, target: Path, prompt: str | None) -> tuple[tupl
                   f"or give one prompt for all pairs with --prompt")
 
 
-def _plain_pairs(data_dir: Path, prompt: str | None) -> tuple[list[Pair], list[Problem]]:
-    sources, problems = _by_stem(data_dir / "source")
+def _plain_pairs(data_dir: Path, prompt: str | None, hint: HintLayout) -> tuple[list[Pair], list[Problem]]:
+    sources, problems = _by_stem(data_dir / "source", _source_suffixes(hint))
     targets, more = _by_stem(data_dir / "target")
     problems += more
     pairs = []
@@ -173,13 +206,20 @@ def _plain_pairs(data_dir: Path, prompt: str | None) -> tuple[list[Pair], list[P
         name = f"target/{target.name}"
         source = sources.get(stem)
         if source is None:
-            problems.append(Problem(name, f"no condition image source/{stem}.* for it"))
+            what = f"condition map source/{stem}{MAP_SUFFIX}" if hint.latent_map else f"condition image source/{stem}.*"
+            problems.append(Problem(name, f"no {what} for it"))
             continue
         captions, problem = _caption_for(data_dir, target, prompt)
         if problem:
             problems.append(Problem(name, problem))
             continue
-        pairs.append(Pair(name, source, target, captions))
+        extra = None
+        if hint.extra_map:
+            extra, problem = _extra_for(data_dir, source)
+            if problem:
+                problems.append(Problem(name, problem))
+                continue
+        pairs.append(Pair(name, source, target, captions, extra))
     for stem, source in sources.items():
         if stem not in targets:
             problems.append(Problem(f"source/{source.name}", f"no target image target/{stem}.* for it"))
@@ -188,8 +228,11 @@ def _plain_pairs(data_dir: Path, prompt: str | None) -> tuple[list[Pair], list[P
 
 # ------------------------------------------------------------------------------------ checks
 
-def find_pairs(data_dir: str | Path, *, prompt: str | None = None) -> tuple[list[Pair], list[Problem]]:
+def find_pairs(data_dir: str | Path, *, prompt: str | None = None,
+               hint: HintLayout = HintLayout()) -> tuple[list[Pair], list[Problem]]:
     """List the pairs of a data folder (either layout) without opening any image.
+
+    ``hint`` says what the condition files are (images, images plus extra maps, or ``.npy`` maps).
 
     Returns the pairs whose files and captions were found, and the problems of the others.
 
@@ -207,41 +250,61 @@ def find_pairs(data_dir: str | Path, *, prompt: str | None = None) -> tuple[list
         raise DataError(f"{data_dir} has several JSON files ({names}); keep exactly one file pairing "
                         f"source, target and prompt")
     if json_files:
-        return _official_pairs(data_dir, json_files[0], prompt)
+        return _official_pairs(data_dir, json_files[0], prompt, hint)
     missing = [d for d in ("source", "target") if not (data_dir / d).is_dir()]
     if missing:
         raise DataError(f"{data_dir} has no {' and no '.join(d + '/' for d in missing)} folder; put the "
                         f"condition images in source/ and the images to learn in target/ (same file names), "
                         f"plus captions as target/NAME.txt or a JSON file pairing them")
-    return _plain_pairs(data_dir, prompt)
+    return _plain_pairs(data_dir, prompt, hint)
 
 
-def _check_pair(pair: Pair) -> Problem | None:
+def _check_pair(pair: Pair, hint: HintLayout = HintLayout()) -> Problem | None:
     sizes = {}
-    for role, path in (("condition", pair.source), ("target", pair.target)):
+    files = [("condition", pair.source), ("target", pair.target)] + ([("extra", pair.extra)] if pair.extra else [])
+    for role, path in files:
         try:
-            sizes[role] = image_size(path)
-        except (ImageReadError, OSError) as e:
-            detail = str(e).split(": ", 1)[-1] if isinstance(e, ImageReadError) else e.strerror or str(e)
-            return Problem(pair.name, f"{role} image {path.name} is unreadable: {detail}")
-    if sizes["condition"] != sizes["target"]:
-        (sh, sw), (th, tw) = sizes["condition"], sizes["target"]
+            if role == "condition" and hint.latent_map:
+                sizes[role] = map_size(path, hint.channels)
+            else:
+                sizes[role] = image_size(path)
+        except (ImageReadError, MapReadError, OSError) as e:
+            detail = str(e).split(": ", 1)[-1] if isinstance(e, (ImageReadError, MapReadError)) \
+                else e.strerror or str(e)
+            kind = "map" if role == "condition" and hint.latent_map else "image"
+            return Problem(pair.name, f"{role} {kind} {path.name} is unreadable: {detail}")
+    (sh, sw), (th, tw) = sizes["condition"], sizes["target"]
+    if hint.latent_map:
+        # at latent resolution: 1/8 of the target, rounded either way for sides that are not multiples of 8
+        if sh not in (th // LATENT_FACTOR, -(-th // LATENT_FACTOR)) or sw not in (tw // LATENT_FACTOR,
+                                                                                   -(-tw // LATENT_FACTOR)):
+            return Problem(pair.name, f"condition map {pair.source.name} is {sw}x{sh} but target {pair.target.name} "
+                                      f"is {tw}x{th}; a {hint.channels}-channel map is at latent resolution, so it "
+                                      f"must be {tw // LATENT_FACTOR}x{th // LATENT_FACTOR}")
+    elif (sh, sw) != (th, tw):
         return Problem(pair.name, f"condition image {pair.source.name} is {sw}x{sh} but target "
                                   f"{pair.target.name} is {tw}x{th}; they must be the same size")
+    if pair.extra and sizes["extra"] != sizes["condition"]:
+        (eh, ew) = sizes["extra"]
+        return Problem(pair.name, f"extra map {pair.extra.name} is {ew}x{eh} but condition image "
+                                  f"{pair.source.name} is {sw}x{sh}; they must be the same size")
     return None
 
 
-def check_images(pairs: list[Pair], workers: int = 4) -> tuple[list[Pair], list[Problem]]:
-    """Decode every image (catching corrupt files) and compare source/target sizes."""
+def check_images(pairs: list[Pair], workers: int = 4,
+                 hint: HintLayout = HintLayout()) -> tuple[list[Pair], list[Problem]]:
+    """Decode every image and map (catching corrupt files) and compare their sizes."""
     with ThreadPoolExecutor(max(1, workers)) as pool:  # cv2 decodes without holding the GIL
-        results = list(pool.map(_check_pair, pairs))
+        results = list(pool.map(lambda p: _check_pair(p, hint), pairs))
     good = [p for p, r in zip(pairs, results) if r is None]
     return good, [r for r in results if r is not None]
 
 
 def load_pairs(data_dir: str | Path, *, prompt: str | None = None, skip_bad: bool = False,
-               workers: int = 4) -> tuple[list[Pair], list[Problem]]:
+               workers: int = 4, hint: HintLayout = HintLayout()) -> tuple[list[Pair], list[Problem]]:
     """Find and check all pairs; report every problem at once.
+
+    ``hint`` says what the condition files are (see :mod:`train.hint_layout`).
 
     Returns:
         The usable pairs and the problems that were skipped (only with ``skip_bad``).
@@ -250,8 +313,8 @@ def load_pairs(data_dir: str | Path, *, prompt: str | None = None, skip_bad: boo
         DataError: any problem and not ``skip_bad`` (the message lists all of them), or no usable
             pair at all.
     """
-    pairs, problems = find_pairs(data_dir, prompt=prompt)
-    pairs, image_problems = check_images(pairs, workers)
+    pairs, problems = find_pairs(data_dir, prompt=prompt, hint=hint)
+    pairs, image_problems = check_images(pairs, workers, hint)
     problems += image_problems
     listed = len(pairs) + len(problems)
     if problems and not skip_bad:

@@ -22,12 +22,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..bps.adapter_file import save_adapter
+from ..bps.adapter_file import FORMAT_VERSION, save_adapter
 from ..bps.network import BPSConfig, BPSNetwork
 from . import checkpointing as ckpt
 from .base_model import BaseModels, checkpoint_unet_dtype, load_base_models, unet_weight_dtype
 from .cache import (CacheConfig, CachedPairs, TrainingCache, checkpoint_identity, collate,
-                    data_fingerprint, sample_keys)
+                    data_fingerprint, hint_values, sample_keys)
 from .cli import checkpoint_dir, default_cache_dir
 from .data_order import BatchStream, steps_for_epochs
 from .dataset import load_pairs
@@ -35,6 +35,7 @@ from .demo_data import write_demo_set
 from .distributed import (DistInfo, any_process, barrier, broadcast_object, gather_objects, init_distributed,
                           mean_over_processes, shutdown)
 from .grad_checkpoint import checkpoint_unet
+from .hint_layout import hint_layout_of
 from .images import image_size, training_size
 from .loss_log import LossLog, draw_loss_curve, read_loss_log
 from .recipe import GENERIC_PROMPT, batch_context, choose_captions, lr_at, noise_latents
@@ -45,7 +46,7 @@ log = logging.getLogger("bps.train")
 
 DEFAULT_EPOCHS = 16  # official recipe
 #: Options whose change would make a resumed run diverge from the interrupted one.
-RESUME_MUST_MATCH = ("data", "size", "hint_channels", "batch_size", "grad_accum", "world_size", "seed",
+RESUME_MUST_MATCH = ("data", "size", "hint_channels", "hint", "batch_size", "grad_accum", "world_size", "seed",
                      "omega", "generic_prompt_prob", "base", "mixed_precision")
 
 
@@ -179,8 +180,9 @@ class _Run:
         barrier(info)
 
         data_dir, data_label = _data_folder(args, cache_dir, info)
+        hint = hint_layout_of(args)
         pairs, skipped = load_pairs(data_dir, prompt=args.prompt, skip_bad=args.skip_bad,
-                                    workers=max(1, args.num_workers))
+                                    workers=max(1, args.num_workers), hint=hint)
         if skipped and info.is_main:
             log.warning("skipping %d bad entr%s (--skip-bad):\n%s", len(skipped),
                         "y" if len(skipped) == 1 else "ies", "\n".join(f"  - {p}" for p in skipped))
@@ -202,7 +204,8 @@ class _Run:
         # Only rank 0 has the VAE; everyone must compute the same cache keys.
         encoder_tag = broadcast_object(info, str(getattr(base.vae, "vae_dtype", "")) if info.is_main else None)
         cache = TrainingCache(cache_dir, CacheConfig(size=size, hint_channels=args.hint_channels,
-                                                     base_identity=identity, encoder_tag=encoder_tag))
+                                                     base_identity=identity, encoder_tag=encoder_tag,
+                                                     extra_map=hint.extra_map))
         keys = sample_keys(pairs, cache.config, workers=max(1, args.num_workers))
         prompts = [GENERIC_PROMPT, ""] + [p for pair in pairs for p in pair.prompts]
         if info.is_main:
@@ -217,6 +220,7 @@ class _Run:
         barrier(info)
         fingerprint = {
             "data": data_fingerprint(keys, pairs), "size": list(size), "hint_channels": args.hint_channels,
+            "hint": hint.name, "adapter_format": FORMAT_VERSION,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "world_size": info.world_size,
             "seed": args.seed, "omega": args.omega, "generic_prompt_prob": args.generic_prompt_prob,
             "base": identity, "mixed_precision": args.mixed_precision,
@@ -230,7 +234,7 @@ class _Run:
 
         # ---- network, optimizer, resume
         omega = training_omega(args.omega)
-        config = BPSConfig(hint_channels=args.hint_channels)
+        config = BPSConfig(**hint.network_fields())
         resume = ckpt.load_latest_checkpoint(self.run_dir) if args.resume else None
         if args.resume and resume is None:
             raise TrainError(f"--resume: no readable checkpoint in {self.run_dir}")
@@ -361,6 +365,12 @@ class _Run:
     def _restore(self, resume, fingerprint, network, optimizer, scaler, generator) -> int:
         step, path, tensors, state = resume
         old = state.get("fingerprint", {})
+        if old.get("adapter_format", 1) != FORMAT_VERSION:
+            # format 1 named the middle zero conv middle_block.2, which also changed the parameters' order
+            raise TrainError(f"cannot resume from {path}: it was written by an older version of this trainer, "
+                             f"whose adapter network (format {old.get('adapter_format', 1)}) stored its weights in "
+                             f"another order than this one (format {FORMAT_VERSION}). Start afresh with "
+                             f"--overwrite")
         changed = [k for k in RESUME_MUST_MATCH if old.get(k) != fingerprint.get(k)]
         if changed:
             details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
@@ -408,7 +418,7 @@ class _Run:
         if not args.validate_every or not self.info.is_main:
             return None
         n = min(args.validation_count, len(keys))
-        hints = torch.stack([cache.load_sample(k)[1] for k in keys[:n]]).float() / 255.0
+        hints = hint_values(torch.stack([cache.load_sample(k)[1] for k in keys[:n]]))
         positives = [cache.load_text(pairs[i].prompts[0]) for i in range(n)]
         return {"hints": hints, "positives": positives, "negative": cache.load_text(""), "vae": base.vae}
 

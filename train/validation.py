@@ -48,7 +48,8 @@ def render_samples(model: Any, vae: Any, network: BPSNetwork, omega: Sequence[fl
                 attachment = BPSAttachment(network, training_schedule(omega))
                 attachment.set_hint(hint)
                 patched = attach(model, attachment, manage_network=False)
-                h, w = hint.shape[-2] // 8, hint.shape[-1] // 8
+                down = network.config.downscale  # 1 for a map at latent resolution
+                h, w = hint.shape[-2] // down, hint.shape[-1] // down
                 latent = torch.zeros((1, 4, h, w))
                 noise = comfy.sample.prepare_noise(latent, seed + i)
                 samples = comfy.sample.sample(patched, noise, steps, cfg, "euler", "normal",
@@ -62,13 +63,23 @@ def render_samples(model: Any, vae: Any, network: BPSNetwork, omega: Sequence[fl
     return images
 
 
+def _hint_picture(hint: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) picture in [0, 1] of a (C, H, W) hint: grey as RGB, RGB as is, a style hint's RGB
+    (its extra map left out), other maps as the grey mean over their channels, stretched to [0, 1]."""
+    c = hint.shape[0]
+    if c == 1:
+        return hint.expand(3, -1, -1)
+    if c in (3, 4):
+        return hint[:3]
+    mean = hint.float().mean(dim=0, keepdim=True)
+    return ((mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-8)).expand(3, -1, -1)
+
+
 def save_sample_sheet(path: str | Path, hints: torch.Tensor, images: Sequence[np.ndarray]) -> Path:
     """Save hint | sample rows as one PNG."""
     rows = []
     for i, img in enumerate(images):
-        hint = (hints[i].movedim(0, -1).cpu().numpy() * 255).round().astype(np.uint8)
-        if hint.shape[-1] == 1:
-            hint = np.repeat(hint, 3, axis=-1)
+        hint = (_hint_picture(hints[i]).movedim(0, -1).cpu().numpy() * 255).round().astype(np.uint8)
         hint = cv2.resize(hint, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
         rows.append(np.concatenate([hint, img], axis=1))
     sheet = np.concatenate(rows, axis=0)
