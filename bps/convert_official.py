@@ -38,7 +38,7 @@ import torch
 from .adapter_file import all_finite, save_adapter
 from .errors import AdapterError
 from .network import BPSConfig, BPSNetwork
-from .ports import NUM_PORTS, PAPER_OMEGA, PORTS
+from .ports import NUM_PORTS, PORTS
 
 #: Where the control model lives in an official Lightning checkpoint.
 PREFIX = "model.diffusion_model.control_model."

@@ -355,6 +355,18 @@ def test_the_trainer_trains_the_style_configurations(trainer, base_holder, sd15_
 
 # ------------------------------------------------------------------------------ resume
 
+def test_resuming_a_checkpoint_of_the_old_parameter_order_is_refused_with_the_fix(trainer, tmp_path):
+    """Checkpoints written before adapter format 2 hold the middle zero conv as middle_block.2 and the
+    optimizer state in the old parameter order: resuming them is refused before anything is loaded."""
+    loop = trainer.loop
+    dist = importlib.import_module(f"{trainer.pack.__name__}.train.distributed")
+    run = loop._Run(types.SimpleNamespace(), dist.DistInfo(), torch.device("cpu"), None, loop.Hooks())
+    old_state = {"fingerprint": {"data": "d", "hint_channels": 1}}  # no adapter_format: format 1
+    with pytest.raises(loop.TrainError, match=r"step_00000005: it was written by an older version.*--overwrite"):
+        run._restore((5, tmp_path / "step_00000005", {"network.middle_block.2.weight": torch.zeros(1)}, old_state),
+                     {}, None, None, None, None)
+
+
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(trainer, base_holder, sd15_ckpt,
                                                                                 tmp_path, shared_cache):
     """2 steps straight == Ctrl-C after step 1 (checkpoint) + --resume, on the built-in demo set:
