@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 from bps.network import BPSConfig, BPSNetwork  # noqa: E402
 from train import checkpointing as ckpt  # noqa: E402
+from train import cli  # noqa: E402
 from train.cli import build_parser, parse_args  # noqa: E402
 from train.optimizers import (OPTIMIZERS, OptimizerChoice, OptimizerError, bitsandbytes_available,  # noqa: E402
                               check_resume_choice, make_optimizer, optimizer_state_bytes, parameter_bytes)
@@ -190,18 +191,21 @@ def test_memory_accounting_per_optimizer(choice):
     assert expected[0] <= per_weight <= expected[1], per_weight
 
 
-def test_cli_optimizer_options_and_low_vram_preset(capsys):
+def test_cli_optimizer_options_and_low_vram_preset(capsys, monkeypatch):
     a = parse_args(["--ckpt", "x", "--out", "o.safetensors"])
     assert (a.optimizer, a.weights_dtype, a.low_vram) == ("adamw", "fp32", False)  # the official recipe
     help_text = build_parser().format_help()
     for name in ("--optimizer", "--weights-dtype", "--low-vram", "bitsandbytes", "stochastically rounded"):
         assert name in help_text
 
-    a = parse_args(["--ckpt", "x", "--out", "o.safetensors", "--low-vram"])
-    assert (a.optimizer, a.weights_dtype, a.mixed_precision, a.gradient_checkpointing, a.batch_size,
-            a.grad_accum) == ("adafactor", "bf16", "bf16", True, 1, 16)
-    printed = capsys.readouterr().err
-    assert "--low-vram: --optimizer adafactor --weights-dtype bf16" in printed and "kept as given" not in printed
+    for installed, optimizer in ((True, "adamw8bit"), (False, "adafactor")):
+        monkeypatch.setattr(cli, "bitsandbytes_installed", lambda: installed)
+        a = parse_args(["--ckpt", "x", "--out", "o.safetensors", "--low-vram"])
+        assert (a.optimizer, a.weights_dtype, a.mixed_precision, a.gradient_checkpointing, a.batch_size,
+                a.grad_accum) == (optimizer, "bf16", "bf16", True, 1, 16)
+        printed = capsys.readouterr().err
+        assert f"--low-vram: --optimizer {optimizer} --weights-dtype bf16" in printed
+        assert "kept as given" not in printed and ("not installed" in printed) == (not installed)
 
     a = parse_args(["--ckpt", "x", "--out", "o.safetensors", "--low-vram", "--optimizer", "adamw8bit",
                     "--batch-size", "2"])

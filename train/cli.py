@@ -11,12 +11,23 @@ PRESETS = ("paper", "uniform", "E", "M", "D", "EM", "MD", "EMD")
 # Spelled out here (train.optimizers imports torch; --help must work without it).
 OPTIMIZER_KINDS = ("adamw", "adamw8bit", "adafactor")
 WEIGHTS_DTYPE_NAMES = ("fp32", "bf16")
-#: --low-vram: bf16 weights and a factored optimizer take B_phi's training state from 10 GiB to
-#: about 4 GiB; batch 1 x 16 accumulation keeps the official batch of 16.
-LOW_VRAM = {"optimizer": "adafactor", "weights_dtype": "bf16", "mixed_precision": "bf16",
+#: --low-vram: bf16 weights and a small optimizer state take B_phi's training state from 10 GiB
+#: to about 4 GiB; batch 1 x 16 accumulation keeps the official batch of 16. The optimizer is
+#: 8-bit AdamW where bitsandbytes is installed (AdamW's dynamics, as the official recipe), else
+#: Adafactor (no extra package).
+LOW_VRAM = {"optimizer": None, "weights_dtype": "bf16", "mixed_precision": "bf16",
             "gradient_checkpointing": True, "batch_size": 1, "grad_accum": 16}
-LOW_VRAM_TEXT = ("--optimizer adafactor --weights-dtype bf16 --mixed-precision bf16 --gradient-checkpointing "
-                 "--batch-size 1 --grad-accum 16")
+LOW_VRAM_TEXT = ("--optimizer adamw8bit (adafactor without bitsandbytes) --weights-dtype bf16 --mixed-precision "
+                 "bf16 --gradient-checkpointing --batch-size 1 --grad-accum 16")
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes is installed (found, not imported: --help stays free of torch)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except ValueError:  # present in sys.modules as None: imports of it are blocked
+        return False
 
 DESCRIPTION = """\
 Train a Bayesian Power Steering (BPS) adapter for a frozen SD1.5 checkpoint, with the official
@@ -137,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "bitsandbytes (pip install bitsandbytes), about 2 bytes per weight. adafactor: "
                           "torch.optim.Adafactor, no first moment and a second moment factored over each "
                           "weight's last two dimensions, about 2.75 bytes per weight (1.7 GiB), no extra "
-                          "package; its step is --lr like AdamW's. A run resumes only with the optimizer "
+                          "package; its step is --lr like AdamW's, but without AdamW's momentum it overshoots at large rates (keep the recipe's 1e-5). A run resumes only with the optimizer "
                           "it started with. Default: adamw.")
     run.add_argument("--weights-dtype", default="fp32", choices=WEIGHTS_DTYPE_NAMES,
                      help="dtype of B_phi's trainable weights and their gradients. bf16 halves both (2.5 GiB "
@@ -209,6 +220,8 @@ def _apply_low_vram(parser: argparse.ArgumentParser, argv: list[str] | None, arg
     explicit = _explicit_options(parser, argv)
     chosen, kept = [], []
     for dest, value in LOW_VRAM.items():
+        if dest == "optimizer":
+            value = "adamw8bit" if bitsandbytes_installed() else "adafactor"
         flag = "--" + dest.replace("_", "-")
         if dest in explicit:
             kept.append(f"{flag} {getattr(args, dest)}" if not isinstance(value, bool) else flag)
@@ -216,6 +229,9 @@ def _apply_low_vram(parser: argparse.ArgumentParser, argv: list[str] | None, arg
         setattr(args, dest, value)
         chosen.append(flag if value is True else f"{flag} {value}")
     note = "--low-vram: " + " ".join(chosen)
+    if "optimizer" not in explicit:
+        note += (" (bitsandbytes is installed)" if args.optimizer == "adamw8bit" else
+                 " (bitsandbytes is not installed; pip install bitsandbytes for 8-bit AdamW)")
     if kept:
         note += "; kept as given: " + ", ".join(kept)
     args.preset_note = note
