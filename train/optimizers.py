@@ -142,8 +142,10 @@ def check_resume_choice(saved: dict[str, Any] | None, choice: OptimizerChoice, w
 
 def _tensor_bytes(value: Any, seen: set[int]) -> int:
     if torch.is_tensor(value):
+        if value.device.type == "meta":
+            return 0
         key = value.untyped_storage().data_ptr()
-        if key in seen or value.device.type == "meta":
+        if key in seen:
             return 0
         seen.add(key)
         return value.untyped_storage().nbytes()
