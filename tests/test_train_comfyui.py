@@ -136,6 +136,30 @@ def test_refusals_and_bad_data_come_before_any_model_loading(trainer, tmp_path):
         loop.run(cli.parse_args(argv + ["--skip-bad"]))
 
 
+def test_resume_with_another_optimizer_or_missing_bitsandbytes_is_refused_before_loading(trainer, tmp_path,
+                                                                                         monkeypatch):
+    """A checkpoint written with AdamW on fp32 weights refuses --optimizer adafactor (both named),
+    and adamw8bit without bitsandbytes names the package; both before the (missing) checkpoint
+    would be loaded."""
+    cli, loop = trainer.cli, trainer.loop
+    missing_ckpt = str(tmp_path / "no_such_checkpoint.safetensors")
+    out = tmp_path / "adapter.safetensors"
+    run_dir = tmp_path / "adapter_checkpoints"
+    trainer.ckpt.save_checkpoint(run_dir, 4, {"network.w": torch.zeros(1)},
+                                 {"step": 4, "optimizer_choice": {"kind": "adamw", "weights_dtype": "fp32"}})
+    argv = ["--ckpt", missing_ckpt, "--out", str(out), "--resume"]
+    with pytest.raises(loop.TrainError, match=r"step_00000004: it was trained with --optimizer adamw --weights-dtype "
+                                              r"fp32, this run asks for --optimizer adafactor --weights-dtype bf16"):
+        loop.run(cli.parse_args(argv + ["--optimizer", "adafactor", "--weights-dtype", "bf16"]))
+    with pytest.raises(loop.TrainError, match="--optimizer adamw --weights-dtype fp32, this run asks for "
+                                              "--optimizer (adamw8bit|adafactor) --weights-dtype bf16"):
+        loop.run(cli.parse_args(argv + ["--low-vram"]))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(loop.TrainError, match="pip install bitsandbytes"):
+        loop.run(cli.parse_args(["--ckpt", missing_ckpt, "--out", str(tmp_path / "b.safetensors"),
+                                 "--optimizer", "adamw8bit"]))
+
+
 def test_training_omega_follows_the_preset_and_freezes_unreachable_branches(trainer):
     bps, steered = trainer.bps, trainer.steered
     assert steered.training_omega("paper") == list(bps.PAPER_OMEGA)

@@ -1,14 +1,15 @@
 """Resumable training checkpoints, written atomically.
 
 A checkpoint is a folder ``step_00001234/`` holding ``tensors.safetensors`` (adapter weights and
-optimizer moments, fp32) and ``state.pt`` (step, optimizer hyper-parameters, every RNG state,
-the run's fingerprint). It is written under a temporary name and renamed into place, so an
+optimizer state tensors in their own dtypes) and ``state.pt`` (step, optimizer kind and
+hyper-parameters, every RNG state, the run's fingerprint). It is written under a temporary name and renamed into place, so an
 interrupted write never leaves a checkpoint that looks complete; a checkpoint that still fails
 to load is skipped in favour of the previous one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -69,33 +70,61 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None)
 
 # ------------------------------------------------------------------------ optimizer flattening
 
+def _split_tensors(prefix: str, value: Any, tensors: dict[str, torch.Tensor], seen: set[int]) -> Any:
+    """Move every tensor with a dimension out of ``value`` (nested dicts too) into ``tensors``
+    under dotted names; returns what is left (scalars, 0-d tensors, hyper-parameters)."""
+    if isinstance(value, dict) and all(isinstance(k, str) and "." not in k for k in value):
+        return {k: _split_tensors(f"{prefix}.{k}", v, tensors, seen) for k, v in value.items()}
+    if torch.is_tensor(value) and value.ndim > 0:
+        t = value.detach().contiguous()
+        # safetensors refuses tensors that share memory (bitsandbytes shares its quantisation
+        # maps between parameters): later sharers are copied, they are a few hundred floats.
+        key = t.untyped_storage().data_ptr()
+        tensors[prefix] = t.clone() if key in seen else t
+        seen.add(key)
+        return _MOVED
+    return value
+
+
+#: Marks where a tensor was taken out; it goes back there on loading.
+_MOVED = "__tensor_in_safetensors__"
+
+
 def flatten_state(network_sd: dict[str, torch.Tensor], optimizer_sd: dict[str, Any]
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split network + optimizer state into flat tensors (for safetensors) and the small rest."""
+    """Split network + optimizer state into flat tensors (for safetensors) and the small rest.
+
+    Works for every optimizer the trainer builds: AdamW's moments, Adafactor's row/column
+    factors, bitsandbytes' nested quantisation state, and extra top-level entries such as the
+    stochastic-rounding generator, which stay in the rest.
+    """
     tensors = {f"network.{k}": v.detach().contiguous() for k, v in network_sd.items()}
-    optim_state = {}
-    for pid, pstate in optimizer_sd["state"].items():
-        kept = {}
-        for k, v in pstate.items():
-            if torch.is_tensor(v) and v.ndim > 0:
-                tensors[f"optimizer.{pid}.{k}"] = v.detach().contiguous()
-            else:
-                kept[k] = v
-        optim_state[pid] = kept
-    rest = {"param_groups": optimizer_sd["param_groups"], "state": optim_state}
+    seen: set[int] = set()
+    optim_state = {pid: _split_tensors(f"optimizer.{pid}", pstate, tensors, seen)
+                   for pid, pstate in optimizer_sd["state"].items()}
+    rest = {k: v for k, v in optimizer_sd.items() if k != "state"}
+    rest["state"] = optim_state
     return tensors, rest
+
+
+def _put_back(value: Any, path: list[str], tensor: torch.Tensor) -> None:
+    for name in path[:-1]:
+        value = value.setdefault(name, {})
+    value[path[-1]] = tensor
 
 
 def unflatten_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Inverse of :func:`flatten_state`: (network state dict, optimizer state dict)."""
     network = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
-    state = {pid: dict(v) for pid, v in rest["state"].items()}
+    state = {pid: copy.deepcopy(v) for pid, v in rest["state"].items()}
     for k, v in tensors.items():
         if k.startswith("optimizer."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    return network, {"state": state, "param_groups": rest["param_groups"]}
+            _, pid, *path = k.split(".")
+            _put_back(state.setdefault(int(pid), {}), path, v)
+    optimizer = {k: v for k, v in rest.items() if k != "state"}
+    optimizer["state"] = state
+    return network, optimizer
 
 
 # -------------------------------------------------------------------------- save, list, load
@@ -160,6 +189,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     tensors = load_file(str(path / "tensors.safetensors"))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     return tensors, state
+
+
+def read_latest_state(ckpt_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, state) of the newest checkpoint whose small ``state.pt`` loads, without reading its
+    tensors: enough to check a resume's options before any model is loaded."""
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - unreadable: the full load falls back the same way
+            continue
+    return None
 
 
 def load_latest_checkpoint(ckpt_dir: str | Path

@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 PRESETS = ("paper", "uniform", "E", "M", "D", "EM", "MD", "EMD")
+# Spelled out here (train.optimizers imports torch; --help must work without it).
+OPTIMIZER_KINDS = ("adamw", "adamw8bit", "adafactor")
+WEIGHTS_DTYPE_NAMES = ("fp32", "bf16")
+#: --low-vram: bf16 weights and a small optimizer state take B_phi's training state from 10 GiB
+#: to about 4 GiB; batch 1 x 16 accumulation keeps the official batch of 16. The optimizer is
+#: 8-bit AdamW where bitsandbytes is installed (AdamW's dynamics, as the official recipe), else
+#: Adafactor (no extra package).
+LOW_VRAM = {"optimizer": None, "weights_dtype": "bf16", "mixed_precision": "bf16",
+            "gradient_checkpointing": True, "batch_size": 1, "grad_accum": 16}
+LOW_VRAM_TEXT = ("--optimizer adamw8bit (adafactor without bitsandbytes) --weights-dtype bf16 --mixed-precision "
+                 "bf16 --gradient-checkpointing --batch-size 1 --grad-accum 16")
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes is installed (found, not imported: --help stays free of torch)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except ValueError:  # present in sys.modules as None: imports of it are blocked
+        return False
 
 DESCRIPTION = """\
 Train a Bayesian Power Steering (BPS) adapter for a frozen SD1.5 checkpoint, with the official
@@ -124,13 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("speed and memory")
     run.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
-                     help="autocast dtype of the forward pass; fp16 adds a GradScaler. The adapter's master "
-                          "weights stay fp32. Default: no.")
+                     help="autocast dtype of the forward pass; fp16 adds a GradScaler. The adapter's weights "
+                          "stay in --weights-dtype. Default: no.")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute B_phi blocks and the frozen UNet's ResBlocks/transformers in the "
                           "backward pass: much less activation memory, about 30%% slower. Default: off.")
     run.add_argument("--num-workers", type=_non_negative_int, default=2,
                      help="data loader worker processes (and threads for the data check). Default: 2.")
+    run.add_argument("--optimizer", default="adamw", choices=OPTIMIZER_KINDS,
+                     help="adamw: torch AdamW, two fp32 moments = 8 bytes per weight (5.0 GiB for B_phi; the "
+                          "official recipe). adamw8bit: AdamW with 8-bit moments from the optional package "
+                          "bitsandbytes (pip install bitsandbytes), about 2 bytes per weight. adafactor: "
+                          "torch.optim.Adafactor, no first moment and a second moment factored over each "
+                          "weight's last two dimensions, about 2.75 bytes per weight (1.7 GiB), no extra "
+                          "package; its step is --lr like AdamW's, but without AdamW's momentum it overshoots at large rates (keep the recipe's 1e-5). A run resumes only with the optimizer "
+                          "it started with. Default: adamw.")
+    run.add_argument("--weights-dtype", default="fp32", choices=WEIGHTS_DTYPE_NAMES,
+                     help="dtype of B_phi's trainable weights and their gradients. bf16 halves both (2.5 GiB "
+                          "each -> 1.25 GiB) at the cost of precision: 8 significant bits, so each weight is "
+                          "known to about 0.4%% and gradients summed over --grad-accum lose low-order bits; "
+                          "updates are computed in fp32 and stochastically rounded to bf16 (plain bf16 "
+                          "updates of lr 1e-5 would round back to the old weight and stall). B_phi then "
+                          "computes in bf16. Default: fp32.")
+    run.add_argument("--low-vram", action="store_true",
+                     help="preset for 8 GB GPUs at 512x512: " + LOW_VRAM_TEXT + " (options given "
+                          "explicitly win); prints what it chose. Default: off.")
 
     out = p.add_argument_group("checkpoints, logs and samples")
     out.add_argument("--save-every", type=_non_negative_int, default=500,
@@ -169,7 +209,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "need --data DIR")
     if args.hint_meaning is None:  # train.hint_layout.HintLayout.default_meaning (this file imports nothing)
         args.hint_meaning = "style" if args.extra_map else {1: "sketch", 3: "image", 24: "style2"}[args.hint_channels]
+    if args.low_vram:
+        _apply_low_vram(parser, argv, args)
+    if args.weights_dtype == "bf16" and args.mixed_precision == "fp16":
+        parser.error("--weights-dtype bf16 with --mixed-precision fp16: B_phi would compute in bf16 inside an "
+                     "fp16 UNet with fp16 loss scaling; use --mixed-precision bf16 (or no) with bf16 weights")
     return args
+
+
+def _explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations the user gave on the command line (a parse where nothing has a default)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["nargs"] = action.nargs
+            quiet.add_argument(*action.option_strings, **kwargs)
+    given, _ = quiet.parse_known_args(argv)
+    return set(vars(given))
+
+
+def _apply_low_vram(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> None:
+    explicit = _explicit_options(parser, argv)
+    chosen, kept = [], []
+    for dest, value in LOW_VRAM.items():
+        if dest == "optimizer":
+            value = "adamw8bit" if bitsandbytes_installed() else "adafactor"
+        flag = "--" + dest.replace("_", "-")
+        if dest in explicit:
+            kept.append(f"{flag} {getattr(args, dest)}" if not isinstance(value, bool) else flag)
+            continue
+        setattr(args, dest, value)
+        chosen.append(flag if value is True else f"{flag} {value}")
+    note = "--low-vram: " + " ".join(chosen)
+    if "optimizer" not in explicit:
+        note += (" (bitsandbytes is installed)" if args.optimizer == "adamw8bit" else
+                 " (bitsandbytes is not installed; pip install bitsandbytes for 8-bit AdamW)")
+    if kept:
+        note += "; kept as given: " + ", ".join(kept)
+    args.preset_note = note
+    # Before any model load, so the choice shows at once; rank 0 only under torchrun.
+    if os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr, flush=True)
 
 
 def checkpoint_dir(out: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""The training run: data -> cache -> steered UNet -> AdamW steps -> checkpoints -> adapter.
+"""The training run: data -> cache -> steered UNet -> optimizer steps -> checkpoints -> adapter.
 
 ``run(args)`` is what ``train/train_bps.py`` calls once ComfyUI and the pack are imported.
 Order matters for the user: output/resume checks and the full data report come before any
@@ -38,6 +38,8 @@ from .grad_checkpoint import checkpoint_unet
 from .hint_layout import hint_layout_of
 from .images import image_size, training_size
 from .loss_log import LossLog, draw_loss_curve, read_loss_log
+from .optimizers import (OptimizerChoice, OptimizerError, check_resume_choice, make_optimizer,
+                         optimizer_state_bytes, parameter_bytes, require_backend)
 from .recipe import GENERIC_PROMPT, batch_context, choose_captions, lr_at, noise_latents
 from .steered_unet import SteeredUNet, training_omega
 from .trainable import freeze_unreachable
@@ -175,6 +177,7 @@ class _Run:
         out = Path(args.out)
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(out)
         self.run_dir = _check_outputs(args, info)
+        self.choice = _optimizer_choice(args, self.run_dir)
         if info.is_main:
             ckpt.remove_stale_temporaries(self.run_dir)
         barrier(info)
@@ -245,7 +248,7 @@ class _Run:
             with torch.device("meta"):  # weights come from the checkpoint: skip the random init
                 network = BPSNetwork(config)
             network = network.to_empty(device=self.device)
-        network = network.to(self.device, torch.float32).train()
+        network = network.to(self.device, self.choice.dtype).train()
         trainable, total_params = freeze_unreachable(network, omega)
         if info.is_main:
             log.info("adapter: %.0fM parameters, %.0fM trainable (omega preset %s)", total_params / 1e6,
@@ -256,7 +259,9 @@ class _Run:
             steered = torch.nn.parallel.DistributedDataParallel(
                 steered, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
-        optimizer = _make_optimizer(network, args, self.device)
+        # The dither seed is the same on every process: DDP replicas must round alike.
+        optimizer = make_optimizer(network.parameters(), self.choice, lr=args.lr, weight_decay=args.weight_decay,
+                                   seed=args.seed)
         scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
         generator = torch.Generator().manual_seed(args.seed * 1000003 + info.rank)
 
@@ -306,6 +311,8 @@ class _Run:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if step == start_step and info.is_main:
+                    _log_training_state(network, optimizer, self.choice)
                 step += 1
                 step_loss = mean_over_processes(info, step_loss)
                 losses.append(step_loss)
@@ -364,6 +371,10 @@ class _Run:
     # -- pieces --------------------------------------------------------------------------
     def _restore(self, resume, fingerprint, network, optimizer, scaler, generator) -> int:
         step, path, tensors, state = resume
+        try:  # first: another optimizer is the likelier mistake, and its message names both
+            check_resume_choice(state.get("optimizer_choice"), self.choice, str(path))
+        except OptimizerError as e:
+            raise TrainError(str(e)) from e
         old = state.get("fingerprint", {})
         if old.get("adapter_format", 1) != FORMAT_VERSION:
             # format 1 named the middle zero conv middle_block.2, which also changed the parameters' order
@@ -393,7 +404,8 @@ class _Run:
         if self.info.is_main:
             tensors, rest = ckpt.flatten_state(network.state_dict(), optimizer.state_dict())
             state = {"step": step, "optimizer": rest, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "rng": rng, "fingerprint": fingerprint, "args": vars(self.args).copy()}
+                     "rng": rng, "fingerprint": fingerprint, "args": vars(self.args).copy(),
+                     "optimizer_choice": self.choice.to_dict()}
             path = ckpt.save_checkpoint(self.run_dir, step, tensors, state, keep=self.args.keep_checkpoints)
             log.info("checkpoint %s", path)
         barrier(self.info)
@@ -405,7 +417,7 @@ class _Run:
         for name, p in network.named_parameters():
             if p.requires_grad:
                 digest.update(name.encode())
-                digest.update(p.detach().cpu().numpy().tobytes())
+                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # bf16 too
         digests = gather_objects(self.info, digest.hexdigest())
         if len(set(digests)) != 1:
             raise TrainError(f"the {self.info.world_size} processes ended with different adapter weights "
@@ -453,20 +465,35 @@ class _Run:
             "seed": args.seed,
             "omega_preset": args.omega,
             "mixed_precision": args.mixed_precision,
+            "optimizer": self.choice.kind,
+            "weights_dtype": self.choice.weights_dtype,
             "generic_prompt_prob": round(args.generic_prompt_prob, 6),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
         }
 
 
-def _make_optimizer(network: BPSNetwork, args, device: torch.device) -> torch.optim.Optimizer:
-    # fused AdamW: one pass over the weights, no temporaries the size of the model (the adapter
-    # has ~670M parameters), and 10x faster than the per-tensor loop on CPU.
-    params = [p for p in network.parameters() if p.requires_grad]
+def _optimizer_choice(args, run_dir: Path) -> OptimizerChoice:
+    """The run's optimizer, checked before any model is loaded: the optional package is there,
+    and a resumed run continues the optimizer its checkpoint was written with."""
     try:
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        choice = OptimizerChoice(getattr(args, "optimizer", "adamw"), getattr(args, "weights_dtype", "fp32"))
+        require_backend(choice)
+        if args.resume:
+            latest = ckpt.read_latest_state(run_dir)
+            if latest is not None:
+                check_resume_choice(latest[1].get("optimizer_choice"), choice, str(latest[0]))
+    except OptimizerError as e:
+        raise TrainError(str(e)) from e
+    return choice
+
+
+def _log_training_state(network: BPSNetwork, optimizer, choice: OptimizerChoice) -> None:
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    weights = parameter_bytes(trainable)
+    log.info("B_phi training state (%s): weights %.2f GiB + gradients %.2f GiB + optimizer %.2f GiB = %.2f GiB",
+             choice.describe(), weights / 2**30, weights / 2**30, optimizer_state_bytes(optimizer) / 2**30,
+             (2 * weights + optimizer_state_bytes(optimizer)) / 2**30)
 
 
 def _progress(info: DistInfo, args, start: int, total: int):
