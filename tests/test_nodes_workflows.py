@@ -15,6 +15,8 @@ import torch
 import comfy_host
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
+#: Node types only the frontend knows (notes on the canvas); the frontend never sends them.
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
 
 def ui_to_api(workflow: dict) -> dict:
@@ -23,6 +25,8 @@ def ui_to_api(workflow: dict) -> dict:
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
         cls = comfy_nodes.NODE_CLASS_MAPPINGS[node["type"]]
         spec = cls.INPUT_TYPES()
         declared = {**spec.get("required", {}), **spec.get("optional", {})}
@@ -59,8 +63,8 @@ def test_workflows_match_the_registered_nodes(pack, path):
 
 
 def test_example_set_covers_the_documented_cases():
-    assert {p.name for p in WORKFLOWS} >= {"bps_sketch_to_image.json", "bps_omega_schedule.json",
-                                           "bps_two_adapters.json"}
+    assert {p.name for p in WORKFLOWS} >= {"BPS Sketch to Image.json", "BPS Omega Schedule.json",
+                                           "BPS Sketch and Layout.json"}
 
 
 class _Server:
@@ -134,7 +138,7 @@ def _errors(executor) -> list[dict]:
 def test_sketch_workflow_runs_through_comfyuis_executor(run_workflow):
     from PIL import Image
 
-    run_workflow("bps_sketch_to_image.json")
+    run_workflow("BPS Sketch to Image.json")
     executor = run_workflow.executor
     assert executor.success, _errors(executor)
     saved = list(run_workflow.out.glob("bps_sketch*.png"))
@@ -147,12 +151,12 @@ def test_sketch_workflow_runs_through_comfyuis_executor(run_workflow):
         for node in prompt.values():
             if node["class_type"] == "BPSLoader":
                 node["inputs"]["adapter_name"] = "broken.safetensors"
-    run_workflow("bps_sketch_to_image.json", use_broken)
+    run_workflow("BPS Sketch to Image.json", use_broken)
     assert not executor.success and "not a safetensors file" in _errors(executor)[-1]["exception_message"]
 
 
 def test_omega_schedule_workflow_runs_and_previews_its_schedule(run_workflow):
-    prompt = run_workflow("bps_omega_schedule.json")
+    prompt = run_workflow("BPS Omega Schedule.json")
     executor = run_workflow.executor
     assert executor.success, _errors(executor)
     assert len(list(run_workflow.out.glob("bps_omega*.png"))) == 1
@@ -171,7 +175,7 @@ def test_two_adapters_workflow_runs_with_a_sketch_and_a_layout_adapter(run_workf
     bps.save_adapter(run_workflow.models / "bps_layout.safetensors", layout, hint_meaning="layout")
     del layout
 
-    prompt = run_workflow("bps_two_adapters.json")
+    prompt = run_workflow("BPS Sketch and Layout.json")
     executor = run_workflow.executor
     assert executor.success, _errors(executor)
     loaders = sorted(n["inputs"]["adapter_name"] for n in prompt.values() if n["class_type"] == "BPSLoader")
