@@ -51,4 +51,5 @@ class BPSApply(io.ComfyNode):
     def execute(cls, model, bps_adapter, image, strength: float, start_percent: float, end_percent: float,
                 omega=None, mask=None) -> io.NodeOutput:
         schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent)
-        return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask))
+        # IMAGE is (B, H, W, C): channels first, and contiguous so B_phi's convolutions run in NCHW.
+        return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1).contiguous(), schedule, mask))
