@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 #: Environment variable with the cache budget in MiB (0 disables the cache).
 BUDGET_ENV = "BPS_RESIDUAL_CACHE_MB"
-#: Default budget: a 20-step 512x512 fp32 run needs about 950 MiB (48 MiB per step), fp16 half that;
+#: Default budget: a 20-step 512x512 fp32 run needs about 910 MiB (46 MiB per step), fp16 half that;
 #: 256x256 a quarter.
 DEFAULT_BUDGET_MB = 1024
 
