@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="recorded prompts per workflow and mode (default 3)")
     parser.add_argument("--mode", choices=("both", "turn", "repeat"), default="both")
     parser.add_argument("--dtype", choices=DTYPE_FLAGS, default="fp32", help="UNet dtype (fp16/bf16: GPU only)")
+    parser.add_argument("--no-residual-cache", action="store_true",
+                        help="run the server with BPS_RESIDUAL_CACHE_MB=0: B_phi computed at every step")
     parser.add_argument("--keep", help="use this folder as the server's base directory and keep it")
     args = parser.parse_args()
     if not comfyui_available():
@@ -165,11 +167,12 @@ def main() -> None:
         base = Path(args.keep or tmp)
         if not (base / "models" / "bps" / ADAPTER).is_file():
             write_model_files(base, args.size)
-        with ComfyServer(base, extra_args=DTYPE_FLAGS[args.dtype]) as server:
+        env = {"BPS_RESIDUAL_CACHE_MB": "0"} if args.no_residual_cache else {}
+        with ComfyServer(base, extra_args=DTYPE_FLAGS[args.dtype], env=env) as server:
             server.add_model("checkpoints", args.ckpt, "sd15.safetensors")
             server.start()
             print(f"# bench_server size={args.size} steps={args.steps} cfg={args.cfg} repeats={args.repeats} "
-                  f"dtype={args.dtype} comfyui={comfy_version()} torch={torch.__version__} cores={os.cpu_count()}",
+                  f"dtype={args.dtype} residual_cache={not args.no_residual_cache} comfyui={comfy_version()} torch={torch.__version__} cores={os.cpu_count()}",
                   flush=True)
             seed = 1000
             for kind in WORKFLOWS:  # warm-up: every model loaded once
