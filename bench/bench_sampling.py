@@ -1,4 +1,6 @@
-"""Benchmark: seconds per sampling step with CFG, plain SD1.5 vs + BPS vs + ComfyUI's ControlNet.
+"""Profiling benchmark (in-process, not the user's path): seconds per sampling step with CFG, plain
+SD1.5 vs + BPS vs + ComfyUI's ControlNet. For what users see, through ComfyUI's server, use
+bench/bench_server.py; this one isolates the sampler for profilers.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_sampling.py [--size 512] [--steps 3] [--repeats 2]
 

@@ -337,7 +337,11 @@ class BPSNetwork(nn.Module):
                             f"{cfg.downscale} ({cfg.downscale}x the latent size). Resize the condition image "
                             f"to match the latent, e.g. {h // cfg.downscale * cfg.downscale}x"
                             f"{w // cfg.downscale * cfg.downscale}")
-        x = self.unshuffle(hint.to(self.dtype))
+        # Contiguous (NCHW) on purpose: ComfyUI's IMAGE is (B, H, W, C), so a hint arrives as a
+        # channels-last view; convolutions fed channels-last re-lay their NCHW weights out on every
+        # call (a copy of each [1280, 1280, 3, 3] weight) and run the slow kernel, which made B_phi
+        # twice as slow. The copy here is of the small unshuffled hint, once per call.
+        x = self.unshuffle(hint.to(self.dtype)).contiguous()
         if cfg.extra_channels:
             if extra is None:
                 raise HintError(f"this style adapter needs an extra map with {cfg.extra_channels} channel(s) "
@@ -349,7 +353,7 @@ class BPSNetwork(nn.Module):
             if tuple(extra.shape[-2:]) != want_hw:
                 raise HintError(f"BPS extra map is {tuple(extra.shape[-2:])} pixels; for a {h}x{w} hint it "
                                 f"must be {want_hw[0]}x{want_hw[1]}")
-            x = torch.cat([x, self.extra_unshuffle(extra.to(self.dtype))], dim=1)
+            x = torch.cat([x, self.extra_unshuffle(extra.to(self.dtype)).contiguous()], dim=1)
         elif extra is not None:
             raise HintError("this adapter takes no extra map; drop the `extra` argument")
         return x

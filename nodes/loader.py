@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -10,7 +11,7 @@ import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
-from ..bps.adapter_file import load_adapter
+from .adapter_cache import ADAPTERS, file_identity
 from .sockets import CATEGORY, BPSAdapterType
 
 #: Model folder name: ``ComfyUI/models/bps`` and ``bps:`` entries of extra_model_paths.yaml.
@@ -63,6 +64,17 @@ class BPSLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, adapter_name: str) -> Any:
+        """The file's identity: ComfyUI re-executes the node when a file under the same name was
+        retrained or replaced, instead of serving the old adapter from its cache."""
+        path = folder_paths.get_full_path(FOLDER, adapter_name)
+        try:
+            return file_identity(path) if path else adapter_name
+        except OSError:
+            return adapter_name  # execute() reports the missing file
+
+    @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, adapter_name)
-        return io.NodeOutput(load_adapter(path, dtype=adapter_dtype()))
+        # The process-wide cache: a loader re-executed after ComfyUI dropped its output reads nothing.
+        return io.NodeOutput(ADAPTERS.load(path, adapter_dtype()))

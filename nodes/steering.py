@@ -47,6 +47,7 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from ..bps.errors import HintError
 from ..bps.network import BPSNetwork
 from ..bps.ports import PORTS
+from ..bps.residual_cache import ResidualCache, budget_from_env, residual_key, tensor_digest
 from ..bps.schedule import OmegaSchedule, make_schedule, progress_from_timestep
 
 log = logging.getLogger("comfyui-bps")
@@ -282,6 +283,9 @@ class BPSAttachment:
     mask: Tensor | None = None          # (H, W) or (B, H, W) in [0, 1]; resized to every port
     extra: Tensor | None = None         # style variant's extra map, if not packed into hint
     share_rows: bool = True             # compute B_phi once per distinct (timestep, hint row)
+    #: Keep B_phi's outputs across UNet calls and sampling runs (the nodes' process-wide cache); None
+    #: computes every call. Used only without gradients and with the network in eval mode.
+    residual_cache: ResidualCache | None = None
     key: str = field(default_factory=lambda: f"{WRAPPER_KEY_PREFIX}_{uuid.uuid4().hex[:12]}")
     _fitted: dict = field(default_factory=dict, repr=False)
 
@@ -300,6 +304,19 @@ class BPSAttachment:
     def _hint_at(self, height: int, width: int, device: torch.device, dtype: torch.dtype
                  ) -> tuple[Tensor, Tensor | None]:
         """Hint (and extra map) fitted to a ``height x width`` latent, cached for the last size."""
+        return self._fitted_at(height, width, device, dtype)[:2]
+
+    def _row_digests(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Content digest of every fitted hint row (with its extra map row), for the residual cache."""
+        key = (height, width, device, dtype)
+        hint, extra, digests = self._fitted_at(height, width, device, dtype)
+        if digests is None:
+            digests = [tensor_digest(hint[i]) + (tensor_digest(extra[i]) if extra is not None else "")
+                       for i in range(hint.shape[0])]
+            self._fitted[key] = (hint, extra, digests)
+        return digests
+
+    def _fitted_at(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple:
         key = (height, width, device, dtype)
         if key not in self._fitted:
             cfg = self.network.config
@@ -307,8 +324,9 @@ class BPSAttachment:
             extra = None
             if self.extra is not None:
                 extra = fit_image(self.extra.float(), height * cfg.extra_downscale, width * cfg.extra_downscale)
-                extra = extra.to(device, dtype)
-            self._fitted = {key: (hint.to(device, dtype), extra)}
+                extra = extra.to(device, dtype).contiguous()
+            # Contiguous: an IMAGE's (B, H, W, C) view would make B_phi's convolutions run channels-last.
+            self._fitted = {key: (hint.to(device, dtype).contiguous(), extra, None)}
         return self._fitted[key]
 
     def residuals(self, unet: UNetModel, x: Tensor, timesteps: Tensor, transformer_options: dict
@@ -351,8 +369,20 @@ class BPSAttachment:
         with torch.no_grad():  # emb does not depend on B_phi: no graph through the frozen UNet's time MLP
             t_emb = timestep_embedding(t_rows[slot_rows].to(x.device), unet.model_channels,
                                        repeat_only=False).to(x.dtype)
-            emb = unet.time_embed(t_emb)
-        outs = net(hint[pick], emb.to(net_device, net_dtype), extra[pick] if extra is not None else None)
+            emb = unet.time_embed(t_emb).to(net_device, net_dtype)
+        outs = None
+        cache = self.residual_cache
+        # Never with gradients (training needs the graph) nor in train mode (weights about to change).
+        cache_key = None
+        if cache is not None and cache.enabled and not torch.is_grad_enabled() and not net.training:
+            digests = self._row_digests(x.shape[-2], x.shape[-1], net_device, net_dtype)
+            cache_key = residual_key(net, [digests[i] for i in pick.tolist()], emb, x.shape[-2:], net_device,
+                                     net_dtype)
+            outs = cache.get(cache_key, net_device)
+        if outs is None:
+            outs = net(hint[pick], emb, extra[pick] if extra is not None else None)
+            if cache_key is not None:
+                cache.put(cache_key, outs)
 
         row_slot = row_slot.to(x.device)
         mask = None
@@ -465,8 +495,22 @@ def attach(model: comfy.model_patcher.ModelPatcher, attachment: BPSAttachment, *
     return steered
 
 
+_RESIDUAL_CACHE: ResidualCache | None = None
+
+
+def residual_cache() -> ResidualCache:
+    """The process-wide residual cache of the nodes (made on first use; budget from
+    ``BPS_RESIDUAL_CACHE_MB``, default 1024 MiB, 0 disables). Entries live on ComfyUI's offload
+    device, so between runs they hold no GPU memory."""
+    global _RESIDUAL_CACHE
+    if _RESIDUAL_CACHE is None:
+        _RESIDUAL_CACHE = ResidualCache(budget_from_env(), storage_device=comfy.model_management.unet_offload_device())
+    return _RESIDUAL_CACHE
+
+
 def attach_bps(model: comfy.model_patcher.ModelPatcher, adapter: Any, hint: Tensor, schedule: OmegaSchedule,
-               mask: Tensor | None = None, *, share_rows: bool = True) -> comfy.model_patcher.ModelPatcher:
+               mask: Tensor | None = None, *, share_rows: bool = True,
+               cache: ResidualCache | None | str = "process") -> comfy.model_patcher.ModelPatcher:
     """Steer ``model`` with a loaded adapter (:class:`bps.Adapter`); returns a patched clone.
 
     This is what the Apply BPS node runs. The adapter computes in the UNet's compute dtype (a cast
@@ -481,12 +525,16 @@ def attach_bps(model: comfy.model_patcher.ModelPatcher, adapter: Any, hint: Tens
         mask: optional ``(H, W)`` or ``(B, H, W)`` in [0, 1]: where steering acts; resized to each port.
         share_rows: compute B_phi once per distinct (timestep, hint row) (CFG sharing); False
             computes every row (tests compare the two).
+        cache: where B_phi's outputs are kept across UNet calls and runs: ``"process"`` (default) the
+            process-wide :func:`residual_cache`, a :class:`ResidualCache` of the caller's, or None to
+            compute every call. Weights (strength, omega, range) and the mask are applied after it.
 
     Raises:
         ValueError: not an SD1.5 MODEL. HintError: the image's channels cannot be matched.
     """
     network = network_in_dtype(adapter.network, unet_compute_dtype(model))
-    attachment = BPSAttachment(network, schedule, hint=hint, mask=mask, share_rows=share_rows)
+    attachment = BPSAttachment(network, schedule, hint=hint, mask=mask, share_rows=share_rows,
+                               residual_cache=residual_cache() if cache == "process" else cache)
     name = getattr(adapter, "path", None)
     return attach(model, attachment, adapter_name=str(name).replace("\\", "/").rsplit("/", 1)[-1] if name else None)
 

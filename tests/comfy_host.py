@@ -93,6 +93,12 @@ def release_memory() -> None:
     still looks several GB larger than it is, and the subprocess tests that follow run out of RAM.
     Safe to call before ComfyUI is booted: then only the last two steps run.
     """
+    # The nodes' process-wide caches (loaded adapters, B_phi residuals) of every loaded copy of the pack.
+    for name, module in list(sys.modules.items()):
+        if name.endswith(".nodes.adapter_cache"):
+            module.ADAPTERS.clear()
+        elif name.endswith(".nodes.steering") and getattr(module, "_RESIDUAL_CACHE", None) is not None:
+            module._RESIDUAL_CACHE.clear()
     management = sys.modules.get("comfy.model_management")
     if management is not None:
         management.unload_all_models()

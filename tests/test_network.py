@@ -128,3 +128,30 @@ def test_half_precision_weights_compute_in_their_dtype():
     outs = net(torch.rand(1, 1, 32, 32), torch.randn(1, 64))
     assert net.dtype == torch.bfloat16 and all(o.dtype == torch.bfloat16 for o in outs)
     assert all(torch.isfinite(o.float()).all() for o in outs)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_channels_last_hint_runs_every_conv_contiguous(one_thread, channels):
+    """ComfyUI's IMAGE is (B, H, W, C), so a hint arrives as a channels-last view; convolutions fed
+    that re-lay their weights out on every call (twice as slow). Every conv must see NCHW input,
+    with the same results as a contiguous hint."""
+    net = _randomise(BPSNetwork(BPSConfig(hint_channels=channels, model_channels=32, time_embed_dim=64))).eval()
+    image = torch.rand(2, 16, 24, channels, generator=torch.Generator().manual_seed(1))  # (B, H, W, C)
+    view = image.movedim(-1, 1)
+    assert not view.is_contiguous() or channels == 1
+    layouts = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous()))
+             for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    emb = torch.randn(2, 64)
+    try:
+        with torch.no_grad():
+            outs = net(view, emb)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert layouts and all(layouts)
+    assert all(o.is_contiguous() for o in outs)
+    with torch.no_grad():
+        ref = net(view.contiguous(memory_format=torch.contiguous_format).clone(), emb)
+    for a, b in zip(outs, ref):
+        torch.testing.assert_close(a, b)

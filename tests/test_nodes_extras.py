@@ -121,3 +121,60 @@ def test_schedule_plot_refuses_tiny_images(pack):
     schedule = pack.bps.make_schedule(list(pack.bps.PAPER_OMEGA))
     with pytest.raises(ValueError, match="at least 256x256"):
         plot.render_schedule(schedule, 100, 300)
+
+
+def _tiny_adapter_file(bps, path):
+    bps.save_adapter(path, bps.BPSNetwork(bps.BPSConfig(model_channels=32, time_embed_dim=64)))
+    return path
+
+
+def test_adapter_cache_reads_a_file_once_and_again_when_it_changes(pack, tmp_path):
+    import os
+    cache_mod = import_module(f"{pack.__name__}.nodes.adapter_cache")
+    bps = pack.bps
+    cache = cache_mod.AdapterCache(capacity=2)
+    a = _tiny_adapter_file(bps, tmp_path / "a.safetensors")
+    first = cache.load(a, torch.float32)
+    assert cache.load(a, torch.float32) is first and cache.loads == 1           # re-executed: nothing read
+    assert cache.load(a, torch.float16) is not first and cache.loads == 2       # another dtype: a miss
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))                  # rewritten in place
+    fresh = cache.load(a, torch.float32)
+    assert fresh is not first and cache.loads == 3 and len(cache) == 1          # older versions dropped
+    _tiny_adapter_file(bps, a)                                          # retrained: renamed over
+    assert cache.load(a, torch.float32) is not fresh and cache.loads == 4
+    b = _tiny_adapter_file(bps, tmp_path / "b.safetensors")
+    c = _tiny_adapter_file(bps, tmp_path / "c.safetensors")
+    cache.load(b, torch.float32), cache.load(c, torch.float32)
+    assert len(cache) == 2 and cache.loads == 6                                 # a (least recent) evicted
+    cache.load(a, torch.float32)
+    assert cache.loads == 7
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not an adapter")
+    for _ in range(2):                                                          # errors are never cached
+        with pytest.raises(bps.AdapterError, match="not a safetensors file"):
+            cache.load(broken, torch.float32)
+
+
+def test_bps_loader_reexecutes_for_free_and_fingerprints_the_file(pack, tmp_path):
+    import os
+    import folder_paths
+    cache_mod = import_module(f"{pack.__name__}.nodes.adapter_cache")
+    folder = tmp_path / "bps"
+    folder.mkdir()
+    path = _tiny_adapter_file(pack.bps, folder / "tiny_fp.safetensors")
+    folder_paths.add_model_folder_path("bps", str(folder))
+    loader = _node("BPSLoader")
+    cache_mod.ADAPTERS.clear()
+    loads = cache_mod.ADAPTERS.loads
+    first = loader.execute("tiny_fp.safetensors").args[0]
+    assert loader.execute("tiny_fp.safetensors").args[0] is first
+    assert cache_mod.ADAPTERS.loads == loads + 1
+    print_before = loader.fingerprint_inputs(adapter_name="tiny_fp.safetensors")
+    assert loader.fingerprint_inputs(adapter_name="tiny_fp.safetensors") == print_before
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert loader.fingerprint_inputs(adapter_name="tiny_fp.safetensors") != print_before  # ComfyUI re-executes
+    assert loader.execute("tiny_fp.safetensors").args[0] is not first
+    assert loader.fingerprint_inputs(adapter_name="gone.safetensors") == "gone.safetensors"
+    cache_mod.ADAPTERS.clear()

@@ -306,3 +306,43 @@ def test_bps_with_a_lora_and_comfyuis_controlnet_matches_the_reference(pack, ste
     import comfy.model_management
     comfy.model_management.load_models_gpu([sd15])
     assert torch.equal(sd15.model.state_dict()[LORA_TARGET], original_weight)  # the LoRA is undone
+
+
+def test_residual_cache_is_bit_identical_and_misses_on_every_change(pack, steering, sd15, full_adapter):
+    """B_phi runs once per distinct (adapter, hint, timestep, size): a re-run with new noise, a new
+    BPSApply with the same image, another strength reuse it bit for bit; a changed image, timestep
+    or latent size computes again. Outputs equal the uncached path's exactly."""
+    from importlib import import_module
+    cache = import_module(f"{pack.__name__}.bps.residual_cache").ResidualCache(2 ** 30)
+    bps = pack.bps
+    calls = []
+    handle = full_adapter.network.register_forward_pre_hook(lambda m, args: calls.append(1))
+
+    def run(hint, strength=1.0, t=700.0, seed=0, size=(LATENT, LATENT), cached=True):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 4, *size, generator=g)
+        context = torch.randn(2, 77, 768, generator=g)
+        sched = bps.make_schedule(full_adapter.omega, strength=strength)
+        model = steering.attach_bps(sd15, full_adapter, hint, sched, cache=cache if cached else None)
+        before = len(calls)
+        out = _forward(steering, model, x, torch.full((2,), t), context, [0, 1])
+        return out, len(calls) - before
+
+    try:
+        first, n = run(_hint(1))
+        assert n == 1 and cache.misses == 1 and len(cache) == 1
+        for kwargs in ({"seed": 1}, {"strength": 0.5, "seed": 2}):      # new noise / weights after the cache
+            hit, n = run(_hint(1), **kwargs)                            # a new attachment, an equal image
+            plain, n_plain = run(_hint(1), cached=False, **kwargs)
+            assert n == 0 and n_plain == 1 and torch.equal(hit, plain), kwargs
+        assert cache.hits == 2
+        other_image = _hint(1, seed=9)
+        for kwargs in ({"hint": other_image}, {"hint": _hint(1), "t": 500.0},
+                       {"hint": _hint(1), "size": (LATENT, LATENT - 2)}):
+            out, n = run(**kwargs)
+            assert n == 1, kwargs                                       # a miss: computed again
+            ref, _ = run(cached=False, **kwargs)
+            assert torch.equal(out, ref), kwargs
+        assert cache.hits == 2 and cache.misses == 4
+    finally:
+        handle.remove()
