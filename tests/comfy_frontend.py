@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Patience for any one step of the frontend (page load, dialog, template card, graph).
+UI_TIMEOUT_MS = 180_000
 #: The dialog "Browse Templates" opens (and that a first-time user sees on the first visit).
 TEMPLATE_DIALOG = ".workflow-template-selector-dialog"
 
@@ -90,6 +92,9 @@ class Frontend:
                 executable_path=chromium_executable(), headless=True,
                 args=["--no-sandbox", "--disable-dev-shm-usage"])
             self.page = self._browser.new_page(viewport=self.viewport)
+            # On 2 busy CPU cores the server and the frontend can take far longer than Playwright's
+            # 30 s default to answer; a slow machine must not read as a broken workflow.
+            self.page.set_default_timeout(UI_TIMEOUT_MS)
             self.page.on("console", self._on_console)
             self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
             self.page.on("response", self._on_response)
@@ -134,14 +139,14 @@ class Frontend:
         self.evaluate("(id) => app.extensionManager.command.execute(id)", command_id)
 
     # ------------------------------------------------------------------------- templates
-    def open_templates(self, timeout_ms: int = 20_000) -> None:
+    def open_templates(self, timeout_ms: int = 120_000) -> None:
         """Show the template browser (a first-time visitor already sees it; open it otherwise)."""
         dialog = self.page.locator(TEMPLATE_DIALOG)
         if not dialog.is_visible():
             self.command("Comfy.BrowseTemplates")
         dialog.wait_for(state="visible", timeout=timeout_ms)
 
-    def wait_for_first_visit_templates(self, timeout_ms: int = 20_000) -> bool:
+    def wait_for_first_visit_templates(self, timeout_ms: int = 60_000) -> bool:
         """Wait for the template browser a new user gets on the first visit; False if it never came."""
         try:
             self.page.locator(TEMPLATE_DIALOG).wait_for(state="visible", timeout=timeout_ms)
@@ -166,7 +171,7 @@ class Frontend:
         cards = "[...document.querySelectorAll(\"" + TEMPLATE_DIALOG + " [data-testid^='template-workflow-']\")]"
         self.page.wait_for_function(
             f"{cards}.length > 0 && {cards}.every(c => [...c.querySelectorAll('img')]"
-            ".every(i => i.complete) && c.querySelector('img'))", timeout=30_000)
+            ".every(i => i.complete) && c.querySelector('img'))", timeout=UI_TIMEOUT_MS)
         return self.evaluate(f"""() => {cards}.map(card => {{
             const img = card.querySelector('img');
             return {{name: card.dataset.testid.slice('template-workflow-'.length),
@@ -175,7 +180,7 @@ class Frontend:
                      thumbnail: img?.getAttribute('src') ?? '', thumbnail_width: img?.naturalWidth ?? 0}};
         }})""")
 
-    def load_template(self, name: str, node_ids: list[int], timeout_ms: int = 60_000) -> None:
+    def load_template(self, name: str, node_ids: list[int], timeout_ms: int = 180_000) -> None:
         """Click a template's card (the frontend fetches its JSON and calls ``app.loadGraphData``)
         and wait until the graph holds exactly the nodes ``node_ids``."""
         dialog = self.page.locator(TEMPLATE_DIALOG)

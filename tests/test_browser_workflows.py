@@ -104,17 +104,6 @@ def _peak_rss_gib(pid: int) -> float:
     return 0.0
 
 
-def _history(server: ComfyServer, prompt_id: str, timeout: float = 30.0) -> dict:
-    """The prompt's /history entry. ComfyUI sends execution_success before it stores the entry,
-    so right after the event /history can still answer {}: poll until the entry is there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") or time.monotonic() > deadline:
-            return entry or {}
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def frontend(server):
     """One Chromium page on the server's frontend, opened as a first-time visitor opens it."""
@@ -159,7 +148,7 @@ def test_example_workflow_loads_cleanly_lays_out_and_runs(frontend, server, path
         elif node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 2
     result = server.run(prompt, timeout=540)
-    history = _history(server, result.prompt_id)
+    history = result.history
     saved = [image for node_id, node in prompt.items() if node["class_type"] == "SaveImage"
              for image in history.get("outputs", {}).get(node_id, {}).get("images", [])]
     assert len(saved) == 1, f"SaveImage reported {saved}; history: {json.dumps(history)[:3000]}"
