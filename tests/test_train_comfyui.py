@@ -385,6 +385,7 @@ def test_resuming_a_checkpoint_of_the_old_parameter_order_is_refused_with_the_fi
     loop = trainer.loop
     dist = importlib.import_module(f"{trainer.pack.__name__}.train.distributed")
     run = loop._Run(types.SimpleNamespace(), dist.DistInfo(), torch.device("cpu"), None, loop.Hooks())
+    run.choice = loop.OptimizerChoice("adamw", "fp32")  # what execute() settles before restoring
     old_state = {"fingerprint": {"data": "d", "hint_channels": 1}}  # no adapter_format: format 1
     with pytest.raises(loop.TrainError, match=r"step_00000005: it was written by an older version.*--overwrite"):
         run._restore((5, tmp_path / "step_00000005", {"network.middle_block.2.weight": torch.zeros(1)}, old_state),
