@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "batch of 16).")
     rec.add_argument("--grad-accum", type=_positive_int, default=4,
                      help="forward passes per optimizer step (gradients are summed). Default: 4.")
-    rec.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate. Default: 1e-5.")
+    rec.add_argument("--lr", type=float, default=1e-5, help="learning rate of the optimizer (--optimizer). Default: 1e-5.")
     rec.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay. Default: 0.01.")
     rec.add_argument("--warmup-steps", type=_non_negative_int, default=0,
                      help="linear learning-rate warm-up steps, then constant. Default: 0.")
