@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from reference_unet import hand_run_unet
+
 #: SD1.5 layout of the official network: Downsample input blocks, decoder blocks that end in an Upsample.
 DOWNSAMPLES = (3, 6, 9)
 UPSAMPLES = (2, 5, 8)
@@ -72,12 +74,6 @@ def reference_ports(sd: dict[str, torch.Tensor], hint: torch.Tensor, emb: torch.
     return outs
 
 
-#: Port index of each SD1.5 UNet block (the order reference_ports returns its outputs in).
-BLOCK_PORTS = {("input", n): i for i, n in enumerate((1, 2, 4, 5, 7, 8, 10, 11))}
-BLOCK_PORTS[("middle", 0)] = 8
-BLOCK_PORTS.update({("output", n): 9 + n for n in range(12)})
-
-
 def reference_steered_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                            sd: dict[str, torch.Tensor], hint: torch.Tensor, **hint_kwargs) -> torch.Tensor:
     """The official steered UNet: ComfyUI's SD1.5 UNet (``unet``, its ``diffusion_model``) run by hand
@@ -86,35 +82,9 @@ def reference_steered_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torc
 
     ``hint`` has one row per row of ``x`` (or one for all); ``t`` are UNet timesteps.
     """
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
     emb = unet.time_embed(timestep_embedding(t, unet.model_channels, repeat_only=False).to(x.dtype))
     rows = hint.expand(x.shape[0], *hint.shape[1:]) if hint.shape[0] == 1 else hint
     ports = reference_ports(sd, rows, emb, **hint_kwargs)
-
-    def run(block, h, where, output_shape=None):
-        port = BLOCK_PORTS.get(where)
-        for layer in block:
-            if isinstance(layer, ResBlock):
-                h = layer(h, emb)
-            elif isinstance(layer, SpatialTransformer):
-                h = layer(h, context, transformer_options={})
-            elif isinstance(layer, Upsample):
-                h = layer(h, output_shape=output_shape)
-            else:
-                h = layer(h)
-            if port is not None and isinstance(layer, (ResBlock, SpatialTransformer)):
-                h = h + ports[port]
-        return h
-
-    hs, h = [], x
-    for n, block in enumerate(unet.input_blocks):
-        h = run(block, h, ("input", n))
-        hs.append(h)
-    h = run(unet.middle_block, h, ("middle", 0))
-    for n, block in enumerate(unet.output_blocks):
-        h = torch.cat([h, hs.pop()], dim=1)
-        h = run(block, h, ("output", n), hs[-1].shape if hs else None)
-    return unet.out(h)
+    return hand_run_unet(unet, x, emb, context, dict(enumerate(ports)))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import comfy_host
+from reference_unet import hand_run_unet
 
 LATENT = 8  # 64x64 pixels keeps an SD1.5 UNet call around a second on 2 cores
 
@@ -34,52 +35,15 @@ def _forward(steering, model, x, t, context, cond_or_uncond):
 def _reference(unet, x, t, context, adapters, control=None):
     """adapters: list of (network, omega list, hint rows (B, C, H, W)) applied with constant weights;
     control: the ``control`` dict a ControlNet hands the UNet, applied where the UNet applies it."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
-    emb = unet.time_embed(timestep_embedding(t, 320, repeat_only=False).to(x.dtype))
-    residual = {}
-    for net, omega, hint in adapters:
-        for i, out in enumerate(net(hint, emb)):
-            residual[i] = residual.get(i, 0) + omega[i] * out
-    block_port = {("input", n): i for i, n in enumerate((1, 2, 4, 5, 7, 8, 10, 11))}
-    block_port[("middle", 0)] = 8
-    block_port.update({("output", n): 9 + n for n in range(12)})
-
-    def run(block, h, where, output_shape=None):
-        port = block_port.get(where)
-        for layer in block:
-            if type(layer).__name__ == "BPSInjectionPoint":
-                continue
-            if isinstance(layer, ResBlock):
-                h = layer(h, emb)
-            elif isinstance(layer, SpatialTransformer):
-                h = layer(h, context, transformer_options={})
-            elif isinstance(layer, Upsample):
-                h = layer(h, output_shape=output_shape)
-            else:
-                h = layer(h)
-            if port is not None and port in residual and isinstance(layer, (ResBlock, SpatialTransformer)):
-                h = h + residual[port]
-        return h
-
-    control = {k: list(v) for k, v in (control or {}).items()}
-
-    def controlled(h, name):
-        ctrl = control[name].pop() if control.get(name) else None
-        return h if ctrl is None else h + ctrl
-
     with torch.no_grad():
-        hs, h = [], x
-        for n, block in enumerate(unet.input_blocks):
-            h = controlled(run(block, h, ("input", n)), "input")
-            hs.append(h)
-        h = controlled(run(unet.middle_block, h, ("middle", 0)), "middle")
-        for n, block in enumerate(unet.output_blocks):
-            h = torch.cat([h, controlled(hs.pop(), "output")], dim=1)
-            h = run(block, h, ("output", n), hs[-1].shape if hs else None)
-        return unet.out(h)
+        emb = unet.time_embed(timestep_embedding(t, 320, repeat_only=False).to(x.dtype))
+        residual = {}
+        for net, omega, hint in adapters:
+            for i, out in enumerate(net(hint, emb)):
+                residual[i] = residual.get(i, 0) + omega[i] * out
+        return hand_run_unet(unet, x, emb, context, residual, control)
 
 
 def _rel_err(a, b):
