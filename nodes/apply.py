@@ -64,5 +64,5 @@ class BPSApply(io.ComfyNode):
                 omega=None, mask=None) -> io.NodeOutput:
         refuse_unfeedable(bps_adapter, "Apply BPS")
         schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent)
-        # IMAGE is (B, H, W, C): channels first, and contiguous so B_phi's convolutions run in NCHW.
-        return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1).contiguous(), schedule, mask))
+        # IMAGE is (B, H, W, C); B_phi makes its input contiguous itself (BPSNetwork.prepare_hint).
+        return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask))

@@ -324,9 +324,9 @@ class BPSAttachment:
             extra = None
             if self.extra is not None:
                 extra = fit_image(self.extra.float(), height * cfg.extra_downscale, width * cfg.extra_downscale)
-                extra = extra.to(device, dtype).contiguous()
-            # Contiguous: an IMAGE's (B, H, W, C) view would make B_phi's convolutions run channels-last.
-            self._fitted = {key: (hint.to(device, dtype).contiguous(), extra, None)}
+                extra = extra.to(device, dtype)
+            # No .contiguous() here: BPSNetwork.prepare_hint lays its input out NCHW for every caller.
+            self._fitted = {key: (hint.to(device, dtype), extra, None)}
         return self._fitted[key]
 
     def residuals(self, unet: UNetModel, x: Tensor, timesteps: Tensor, transformer_options: dict
