@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import HintError
 from .ports import PORTS
+from .small_map_conv import SmallMapConv2d
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def _norm(channels: int) -> GroupNorm32:
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+    return SmallMapConv2d(cin, cout, 3, stride=stride, padding=1)
 
 
 class ResBlock(nn.Module):
@@ -192,7 +193,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), _conv3x3(cin, cout))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
         self.out_layers = nn.Sequential(_norm(cout), nn.SiLU(), nn.Dropout(0.0), _conv3x3(cout, cout))
-        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.skip_connection = nn.Identity() if cin == cout else SmallMapConv2d(cin, cout, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
@@ -208,7 +209,7 @@ class ResZeroBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.out_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Dropout(0.0), _conv3x3(cin, cout))
-        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.skip_connection = nn.Identity() if cin == cout else SmallMapConv2d(cin, cout, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.skip_connection(x) + self.out_layers(x)
