@@ -27,7 +27,7 @@ def build_setups(size: int, dtype: torch.dtype | None) -> tuple[dict[str, Callab
     negative = [[torch.randn(1, 77, 768, generator=gen), {}]]
     hint = torch.rand(1, size, size, 3, generator=gen)  # ComfyUI IMAGE layout: B, H, W, C
 
-    network = bps.BPSNetwork(bps.BPSConfig())
+    network = bps.BPSNetwork(bps.BPSConfig()).eval()
     with torch.no_grad():
         for p in network.parameters():
             p.normal_(0, 0.01, generator=gen)
