@@ -270,6 +270,7 @@ def main() -> None:
                   f"({comfy_commit()}) torch={stats['system']['pytorch_version']} "
                   f"python={platform.python_version()} device={device['name']} cores={os.cpu_count()}",
                   flush=True)
+            print("# command: COMFYUI_PATH=... python bench/bench_server.py " + " ".join(sys.argv[1:]), flush=True)
             seed = 1000
             for kind in WORKFLOWS:  # warm-up: every model loaded once
                 seed += 1

@@ -1,0 +1,45 @@
+"""bench/bench_server.py's bookkeeping: prompts, run order and the ratio tables (no server needed)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+bench_server = pytest.importorskip("bench.bench_server", reason="bench/bench_server.py needs torch")
+
+
+def test_rounds_alternate_so_drift_favours_no_workflow():
+    order = bench_server.WORKFLOWS
+    got = bench_server.rounds(order, 4)
+    assert got == [order, tuple(reversed(order)), order, tuple(reversed(order))]
+    # Over two rounds every workflow's mean position is the same.
+    positions = {k: sum(r.index(k) for r in got[:2]) for k in order}
+    assert len(set(positions.values())) == 1
+
+
+def test_prompts_share_one_sketch_except_the_new_sketch_workflow():
+    p = {k: [bench_server.prompt(k, seed, 256, 3, 7.5) for seed in (1, 2)] for k in bench_server.WORKFLOWS}
+    assert "5" not in p["plain"][0] and p["plain"][0]["7"]["inputs"]["model"] == ["1", 0]
+    assert p["bps"][0]["5"]["inputs"]["image"] == p["bps"][1]["5"]["inputs"]["image"] == bench_server.IMAGE
+    new = [q["5"]["inputs"]["image"] for q in p["bps_new_sketch"]]
+    assert new[0] != new[1] and bench_server.IMAGE not in new
+    for kind in ("bps", "bps_new_sketch"):
+        assert p[kind][0]["9"]["class_type"] == "BPSApply" and p[kind][0]["7"]["inputs"]["model"] == ["9", 0]
+    assert p["controlnet"][0]["7"]["inputs"]["positive"] == ["9", 0]
+    assert {q["7"]["inputs"]["seed"] for q in p["bps"]} == {1, 2}
+
+
+def test_table_reports_medians_as_ratios_to_plain():
+    Run = bench_server.Run
+    runs = [Run("plain", 10.0, [2.0, 2.0], 0), Run("plain", 12.0, [3.0], 0),
+            Run("bps", 11.0, [2.2], 1), Run("bps_new_sketch", 14.0, [2.8, 2.8], 1),
+            Run("controlnet", 20.0, [4.0], 1)]
+    lines = bench_server.table("t", runs).splitlines()
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in lines[2:]}
+    assert rows["plain"][1:4] == ["2", "11.00", "1.000"]
+    assert rows["BPS"][3] == "1.000" and rows["BPS"][6] == "1.100"
+    assert rows["BPS, new sketch"][5:7] == ["2.800", "1.400"]
+    assert rows["ControlNet"][3] == "1.818" and rows["ControlNet"][7] == "1.0"
