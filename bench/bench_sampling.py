@@ -10,9 +10,9 @@ SD1.5 UNet, a full-size BPS adapter (non-zero weights so it really runs), and an
 made from its config and loaded through ComfyUI's ControlNet loader. The three are run in turn,
 repeatedly, in one process, and the median seconds per step is reported with the overheads
 relative to the plain model. "bps_cached" is BPS with its residual cache warmed by one run with
-the same steps: a workflow re-run with a new seed. The FLOP floor of BPS with CFG sharing is +30% (B_phi is ~0.60x the
-UNet's FLOPs and runs once per (timestep, hint) instead of once per CFG row); ControlNet costs
-about +35% in FLOPs.
+the same steps: a workflow re-run with a new seed. The FLOP floor of BPS with CFG sharing is
++30% (B_phi is ~0.60x the UNet's FLOPs and runs once per (timestep, hint) instead of once per
+CFG row); ControlNet costs about +35% in FLOPs.
 """
 
 from __future__ import annotations

@@ -79,15 +79,16 @@ def write_sketch(path: Path, size: int, seed: int) -> None:
 
 def comfy_commit() -> str:
     """The ComfyUI commit benchmarked: the checkout's HEAD, or the pinned copy's record."""
-    root = Path(os.environ.get("COMFYUI_PATH", ""))
-    try:
-        if not (root / ".git").exists():  # a copy without history: git would answer for a repo above it
-            raise OSError
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pinned = ROOT.parent / "shared" / "comfyui-host" / "ComfyUI-COMMIT.txt"
-        return pinned.read_text().split()[0] + " (pinned copy)" if pinned.is_file() else "unknown commit"
+    root = os.environ.get("COMFYUI_PATH")
+    # Only a checkout of its own: in a copy without history git would answer for a repo above it.
+    if root and (Path(root) / ".git").exists():
+        try:
+            return subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    pinned = ROOT.parent / "shared" / "comfyui-host" / "ComfyUI-COMMIT.txt"
+    return pinned.read_text().split()[0] + " (pinned copy)" if pinned.is_file() else "unknown commit"
 
 
 def prompt(kind: str, seed: int, size: int, steps: int, cfg: float) -> dict:

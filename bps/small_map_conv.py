@@ -34,25 +34,25 @@ class SmallMapConv2d(nn.Conv2d):
     ``nn.Conv2d`` to float32 rounding, not bit for bit."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self._takes_matrix_path(x, weight):
-            return self._matrix_forward(x, weight, bias)
-        return super()._conv_forward(x, weight, bias)
+        out_size = self._matrix_output_size(x, weight)
+        if out_size is None:
+            return super()._conv_forward(x, weight, bias)
+        return self._matrix_forward(x, weight, bias, *out_size)
 
-    def _takes_matrix_path(self, x: Tensor, weight: Tensor) -> bool:
+    def _matrix_output_size(self, x: Tensor, weight: Tensor) -> tuple[int, int] | None:
+        """The output's (height, width) when this call takes the matrix path, else None."""
         if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim != 4:
-            return False
+            return None
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return False
+            return None
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return False
+            return None
         out_h = _out_size(x.shape[-2], self.kernel_size[0], self.stride[0], self.padding[0])
         out_w = _out_size(x.shape[-1], self.kernel_size[1], self.stride[1], self.padding[1])
-        return 0 < x.shape[0] * out_h * out_w <= MAX_MATRIX_PIXELS
+        return (out_h, out_w) if 0 < x.shape[0] * out_h * out_w <= MAX_MATRIX_PIXELS else None
 
-    def _matrix_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        b, _, h, w = x.shape
-        out_h = _out_size(h, self.kernel_size[0], self.stride[0], self.padding[0])
-        out_w = _out_size(w, self.kernel_size[1], self.stride[1], self.padding[1])
+    def _matrix_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, out_h: int, out_w: int) -> Tensor:
+        b = x.shape[0]
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (b, c*kh*kw, L)
         # One GEMM over the whole batch: (out, c*kh*kw) @ (c*kh*kw, b*L).
         cols = cols.transpose(0, 1).reshape(cols.shape[1], b * out_h * out_w)

@@ -26,9 +26,9 @@ def test_matrix_path_matches_pytorch_convolution(batch, cin, cout, size, kernel,
     conv = _conv(cin, cout, kernel, stride, padding, bias)
     x = torch.randn(batch, cin, size, size)
     with torch.no_grad():
-        assert conv._takes_matrix_path(x, conv.weight)
         got = conv(x)
         want = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+        assert conv._matrix_output_size(x, conv.weight) == tuple(want.shape[-2:])
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -39,15 +39,15 @@ def test_only_small_cpu_float32_inference_takes_the_matrix_path():
     large = torch.randn(1, 8, 16, 16)                     # 256
     assert small_map_conv.MAX_MATRIX_PIXELS == 128
     with torch.no_grad():
-        assert conv._takes_matrix_path(small, conv.weight)
-        assert not conv._takes_matrix_path(large, conv.weight)
-        assert not conv._takes_matrix_path(small.double(), conv.weight.double())
-        assert not conv._takes_matrix_path(small.bfloat16(), conv.weight.bfloat16())
+        assert conv._matrix_output_size(small, conv.weight) is not None
+        assert conv._matrix_output_size(large, conv.weight) is None
+        assert conv._matrix_output_size(small.double(), conv.weight.double()) is None
+        assert conv._matrix_output_size(small.bfloat16(), conv.weight.bfloat16()) is None
     # Recording gradients (training): PyTorch's convolution and its backward.
-    assert not conv._takes_matrix_path(small, conv.weight)
+    assert conv._matrix_output_size(small, conv.weight) is None
     grouped = SmallMapConv2d(8, 8, 3, padding=1, groups=2)
     with torch.no_grad():
-        assert not grouped._takes_matrix_path(small, grouped.weight)
+        assert grouped._matrix_output_size(small, grouped.weight) is None
 
 
 def test_training_gradients_are_pytorch_convolution_gradients():
