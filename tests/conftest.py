@@ -49,7 +49,7 @@ def official_keys():
 
 
 @pytest.fixture(scope="session")
-def comfy():
+def comfyui_host():
     """The real ComfyUI, booted once per session."""
     if comfy_host.comfyui_path() is None:
         pytest.skip(comfy_host.SKIP_REASON)
@@ -58,24 +58,24 @@ def comfy():
 
 
 @pytest.fixture(scope="session")
-def pack(comfy):
+def pack(comfyui_host):
     """This pack, loaded through ComfyUI's custom-node loader."""
-    return comfy.load_pack()
+    return comfy_host.load_pack()
 
 
 @pytest.fixture(scope="session")
-def steering(pack, comfy):
-    return comfy.pack_module(pack, "nodes.steering")
+def steering(pack, comfyui_host):
+    return comfy_host.pack_module(pack, "nodes.steering")
 
 
 @pytest.fixture(scope="module")
-def sd15(comfy):
+def sd15(comfyui_host):
     """Random-weight SD1.5 ModelPatcher built from ComfyUI's classes (shared: never mutate it).
 
     Module-scoped, like ``full_adapter``: together they hold ~6 GB, which the trainer tests (and
     their subprocesses) need back on a 24 GB machine.
     """
-    return comfy.random_sd15_model(seed=0)
+    return comfy_host.random_sd15_model(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def full_adapter(pack):
 
 
 @pytest.fixture(scope="session")
-def sd15_ckpt(comfy, tmp_path_factory) -> Path:
+def sd15_ckpt(comfyui_host, tmp_path_factory) -> Path:
     """A random-weight SD1.5 checkpoint file that ComfyUI's checkpoint loader detects (~2 GB, fp16).
 
     Set BPS_TEST_SD15_CKPT to an existing file to skip writing it.
@@ -96,6 +96,6 @@ def sd15_ckpt(comfy, tmp_path_factory) -> Path:
     if reuse and Path(reuse).is_file():
         return Path(reuse)
     path = tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors"
-    comfy.trainer_pack().train.random_checkpoint.write_random_sd15_checkpoint(path, seed=0)
+    comfy_host.trainer_pack().train.random_checkpoint.write_random_sd15_checkpoint(path, seed=0)
     gc.collect()
     return path

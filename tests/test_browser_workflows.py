@@ -76,7 +76,7 @@ def adapters(pack, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(comfy, sd15_ckpt, adapters, tmp_path_factory):
+def server(comfyui_host, sd15_ckpt, adapters, tmp_path_factory):
     """The one server for every workflow: models under the workflows' names, the example images in
     input/. Models stay loaded between workflows (they share the checkpoint and the sketch adapter)."""
     with ComfyServer(tmp_path_factory.mktemp("browser_server")) as s:

@@ -47,7 +47,7 @@ def _hint_png(path: Path) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def official(comfy, tmp_path_factory):
+def official(comfyui_host, tmp_path_factory):
     """The official-size sketch checkpoint, converted with `python -m bps.convert_official --dtype fp32`."""
     tmp = tmp_path_factory.mktemp("official_full")
     ckpt = tmp / "bps_sketch_official.ckpt"

@@ -12,7 +12,7 @@ NODES = ("BPSLoader", "BPSApply", "BPSOmegaSchedule", "BPSOmegaPreview", "BPSHin
 
 
 @pytest.fixture(scope="module")
-def server(comfy, tmp_path_factory):
+def server(comfyui_host, tmp_path_factory):
     """One model-free server for the module: these tests need the pack, not SD1.5."""
     base = tmp_path_factory.mktemp("server")
     (base / "models" / "bps").mkdir(parents=True)

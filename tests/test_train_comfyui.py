@@ -32,10 +32,10 @@ FAST = ["--resolution", "64", "--num-workers", "0", "--no-progress"]
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def trainer(comfy, pack):
+def trainer(comfyui_host, pack):
     """The pack as the trainer imports it, plus its entry script (``pack``: the nodes, registered
     through ComfyUI's own loader, for the BPSLoader/BPSApply comparisons)."""
-    entry = comfy.trainer_entry()
+    entry = comfy_host.trainer_entry()
     pack = entry.import_pack()
     mods = {m: importlib.import_module(f"{pack.__name__}.{m}") for m in (
         "train.loop", "train.base_model", "train.cli", "train.dataset", "train.steered_unet", "train.recipe",
