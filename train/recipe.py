@@ -29,17 +29,21 @@ class NoisedLatents:
     noise: torch.Tensor        # eps, the regression target
 
 
-def noise_latents(x0: torch.Tensor, model_sampling: Any, generator: torch.Generator,
-                  timesteps: torch.Tensor | None = None) -> NoisedLatents:
-    """Draw t (unless ``timesteps`` are given) and eps for each row of ``x0`` (model-space
-    latents) and noise it."""
+def noise_latents(x0: torch.Tensor, model_sampling: Any, generator: torch.Generator | None,
+                  timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> NoisedLatents:
+    """Draw t (unless ``timesteps`` are given) and eps (unless ``noise`` is given) for each row of
+    ``x0`` (model-space latents) and noise it. With both given, ``generator`` may be None: the
+    evaluation (:mod:`train.condition_gap`) noises held-out pairs at fixed timesteps and noise."""
     sigmas = model_sampling.sigmas.detach().cpu().float()
     b = x0.shape[0]
     if timesteps is None:
         t = torch.randint(0, sigmas.shape[0], (b,), generator=generator)
     else:
         t = timesteps.long().cpu().reshape(b)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    else:
+        noise = noise.detach().cpu().float().reshape(x0.shape)
     sigma = sigmas[t]
     x0 = x0.detach().cpu().float()
     noisy = model_sampling.noise_scaling(sigma, noise, x0)           # x0 + sigma * eps
