@@ -47,8 +47,6 @@ REFERENCE_SIDE = 512
 #: Version of the algorithms below. It enters the cache keys and the adapter metadata: change it
 #: whenever a preprocessor's output changes for the same parameters.
 ALGORITHM_VERSION = 1
-#: BT.601 luminance weights (cv2.COLOR_RGB2GRAY), as the trainer's 1-channel condition images.
-_LUMA = (0.299, 0.587, 0.114)
 #: Smallest blur of the sketch, in pixels (the 1.4 px of a 512-px image reaches it at 183 px).
 _MIN_SKETCH_SIGMA = 0.5
 #: Pixel count the layout's k-means works on (about 256 x 256, aspect kept).

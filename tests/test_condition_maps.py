@@ -187,3 +187,19 @@ def test_parse_overrides_takes_lists_or_one_text():
         parse_overrides("sigma 2")
     with pytest.raises(ConditionError, match="twice"):
         parse_overrides("sigma=1 sigma=2")
+
+
+def test_the_readmes_condition_pictures_are_what_their_script_draws(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("draw_condition_examples", ROOT / "tools" / "draw_condition_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.write(tmp_path)
+    assert len(written) == len(module.EXAMPLES) * (1 + len(module.KINDS))
+    for path in written:
+        shipped = ROOT / "docs" / "conditions" / path.name
+        assert shipped.is_file(), f"{shipped.name} is missing: python tools/draw_condition_examples.py"
+        assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), cv2.imread(str(shipped), cv2.IMREAD_UNCHANGED)), \
+            f"{shipped.name} is stale: python tools/draw_condition_examples.py"
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"docs/conditions/{p.name}" in readme for p in written)
