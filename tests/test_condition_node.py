@@ -144,7 +144,7 @@ def trained(comfyui_host, sd15_ckpt, tmp_path_factory):
     out = tmp / "models" / "photo_sketch.safetensors"
     out.parent.mkdir()
     cmd = [sys.executable, str(ROOT / "train" / "train_bps.py"), "--ckpt", str(sd15_ckpt), "--data", str(data),
-           "--out", str(out), "--condition", "sketch", "--condition-param", "sigma=1.8",
+           "--out", str(out), "--condition", "sketch", "--condition-param", "softness=0.03",
            "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--omega", "E", "--save-every", "0",
            "--weights-dtype", "bf16", "--optimizer", "adafactor",  # a small training state: 2 GB less
            "--resolution", "64", "--num-workers", "1", "--no-progress", "--cache-dir", str(tmp / "cache")]
@@ -156,14 +156,14 @@ def trained(comfyui_host, sd15_ckpt, tmp_path_factory):
 def test_a_folder_of_images_trains_an_adapter_that_names_its_preprocessor(pack, cmaps, trained):
     proc = trained.proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "conditions made from the target images: sketch(sigma=1.8, threshold=0.005, softness=0.015)" in proc.stderr
+    assert "conditions made from the target images: sketch(sigma=1.4, threshold=0.005, softness=0.03)" in proc.stderr
     adapter = pack.bps.load_adapter(trained.out)
-    spec = cmaps.ConditionSpec.make("sketch", {"sigma": 1.8})
+    spec = cmaps.ConditionSpec.make("sketch", {"softness": 0.03})
     assert adapter.condition == spec.to_dict() and adapter.metadata["condition"]["kind"] == "sketch"
     assert adapter.hint_meaning == "sketch" and adapter.config.hint_channels == 1
     assert adapter.metadata["provenance"]["condition"] == spec.describe()
     raw = json.loads(pack.bps.adapter_file._read_header(str(trained.out))[1]["condition"])
-    assert raw == {"kind": "sketch", "params": {"sigma": 1.8, "threshold": 0.005, "softness": 0.015},
+    assert raw == {"kind": "sketch", "params": {"sigma": 1.4, "threshold": 0.005, "softness": 0.03},
                    "version": cmaps.ALGORITHM_VERSION}
 
 
@@ -191,5 +191,5 @@ def test_the_node_given_the_adapter_makes_bit_for_bit_the_condition_the_trainer_
     assert out.shape == (1, 64, 64, 3)
     for channel in range(3):
         assert torch.equal(out[0, :, :, channel], fed_to_b_phi[0]), channel
-    # and the default sketch, not the adapter's sigma=1.8, would differ: auto really used the stored one
+    # and the default sketch, not the adapter's softness=0.03, would differ: auto really used the stored one
     assert not torch.equal(_run(image, "sketch")[0, :, :, 0], fed_to_b_phi[0])
