@@ -76,6 +76,13 @@ class Adapter:
     path: str | None = None
     hint_meaning: str = "sketch"
 
+    @property
+    def condition(self) -> dict[str, Any] | None:
+        """The preprocessor its conditions were made with (``{"kind", "params", "version"}``, see
+        :class:`bps.condition_maps.ConditionSpec`), when the trainer made them from images; else None."""
+        value = self.metadata.get("condition")
+        return value if isinstance(value, dict) else None
+
 
 def _fail(path: os.PathLike | str, problem: str, fix: str) -> AdapterError:
     fix = fix if fix.endswith(".") else fix + "."
@@ -324,7 +331,7 @@ def _umask() -> int:
 
 def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequence[float] | None = None,
                  dtype: torch.dtype = torch.float16, hint_meaning: str = "sketch",
-                 provenance: dict[str, Any] | None = None) -> None:
+                 provenance: dict[str, Any] | None = None, condition: dict[str, Any] | None = None) -> None:
     """Write an adapter file atomically: a temp file in the same folder, renamed over ``path``.
 
     If anything fails the previous file at ``path`` (if any) is untouched and no temp file stays.
@@ -336,6 +343,9 @@ def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequenc
         dtype: storage dtype: float16 (default), bfloat16 or float32.
         hint_meaning: what the condition image is ("sketch", "layout", "segmentation", "style", or free text).
         provenance: training facts (base checkpoint, data, steps, ...), stored as JSON.
+        condition: the preprocessor that made the training conditions from the images
+            (:meth:`bps.condition_maps.ConditionSpec.to_dict`), stored as JSON under "condition"
+            so the "BPS Condition from Image" node can make the same condition at sampling time.
 
     Raises:
         ValueError: bad arguments (path suffix, dtype, omega, hint_meaning).
@@ -369,6 +379,8 @@ def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequenc
         metadata["omega_ports"] = json.dumps([p.name for p in PORTS])
     if provenance:
         metadata["provenance"] = json.dumps(provenance, default=str)
+    if condition:
+        metadata["condition"] = json.dumps(condition, sort_keys=True)
 
     tensors = {}
     for name, value in network.state_dict().items():

@@ -18,3 +18,7 @@ class HintError(BPSError, ValueError):
 
 class ScheduleError(BPSError, ValueError):
     """An omega schedule setting cannot be understood; the message quotes the offending text."""
+
+
+class ConditionError(BPSError, ValueError):
+    """A condition preprocessor cannot run: unknown kind, bad parameter, or not an image array."""

@@ -9,13 +9,15 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import BPSApply
+from .condition import BPSConditionFromImage
 from .hint import BPSHintPreprocessor
 from .loader import BPSLoader, register_model_folder
 from .omega_preview import BPSOmegaPreview
 from .omega_schedule import BPSOmegaSchedule
 
 #: Every node of the pack; node ids are permanent (saved workflows refer to them).
-NODES: list[type[io.ComfyNode]] = [BPSLoader, BPSApply, BPSOmegaSchedule, BPSOmegaPreview, BPSHintPreprocessor]
+NODES: list[type[io.ComfyNode]] = [BPSLoader, BPSApply, BPSOmegaSchedule, BPSOmegaPreview, BPSHintPreprocessor,
+                                   BPSConditionFromImage]
 
 
 class BPSExtension(ComfyExtension):

@@ -161,10 +161,13 @@ def test_example_workflow_loads_cleanly_lays_out_and_runs(frontend, server, path
     if WRITE_THUMBNAILS:  # from what this run used and drew: its condition images, its omega plot
         conditions = [server.input_dir / node["inputs"]["image"] for _, node in sorted(prompt.items())
                       if node["class_type"] == "LoadImage"]
-        plots = [server.base / image["type"] / image["subfolder"] / image["filename"]
-                 for node_id, node in sorted(prompt.items()) if node["class_type"] == "BPSOmegaPreview"
-                 for image in history["outputs"][node_id]["images"]]
-        path.with_suffix(".jpg").write_bytes(thumbnails.jpeg(thumbnails.thumbnail(conditions, plots)))
+
+        def shown_by(class_type: str) -> list[Path]:
+            return [server.base / image["type"] / image["subfolder"] / image["filename"]
+                    for node_id, node in sorted(prompt.items()) if node["class_type"] == class_type
+                    for image in history["outputs"][node_id]["images"]]
+        tile = thumbnails.thumbnail(conditions, shown_by("BPSOmegaPreview"), made=shown_by("BPSConditionFromImage"))
+        path.with_suffix(".jpg").write_bytes(thumbnails.jpeg(tile))
 
 
 def test_the_template_browser_lists_every_example_under_the_pack_with_thumbnail_and_title(frontend):

@@ -57,7 +57,8 @@ def _hint(batch, channels=1, seed=3):
 def test_pack_registers_through_comfyuis_loader(pack):
     import folder_paths
     import nodes as comfy_nodes
-    for node_id in ("BPSLoader", "BPSApply", "BPSOmegaSchedule", "BPSOmegaPreview", "BPSHintPreprocessor"):
+    for node_id in ("BPSLoader", "BPSApply", "BPSOmegaSchedule", "BPSOmegaPreview", "BPSHintPreprocessor",
+                    "BPSConditionFromImage"):
         assert node_id in comfy_nodes.NODE_CLASS_MAPPINGS, node_id
         schema = comfy_nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
         assert schema.category == "conditioning/bps" and schema.description

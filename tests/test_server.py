@@ -8,7 +8,8 @@ import pytest
 
 from comfy_server import ComfyServer, PromptFailed
 
-NODES = ("BPSLoader", "BPSApply", "BPSOmegaSchedule", "BPSOmegaPreview", "BPSHintPreprocessor")
+NODES = ("BPSLoader", "BPSApply", "BPSOmegaSchedule", "BPSOmegaPreview", "BPSHintPreprocessor",
+         "BPSConditionFromImage")
 
 
 @pytest.fixture(scope="module")

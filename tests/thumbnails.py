@@ -1,5 +1,6 @@
-"""Template thumbnails made from what a workflow really uses: its condition images and the plots
-its preview nodes drew, as the browser test's run of the workflow left them on the server.
+"""Template thumbnails made from what a workflow really uses: its condition images, the conditions
+its nodes made from them and the plots its preview nodes drew, as the browser test's run of the
+workflow left them on the server.
 
 The template browser shows ``example_workflows/NAME.jpg`` in a square tile next to ``NAME.json``.
 tests/test_browser_workflows.py writes them with ``BPS_WRITE_THUMBNAILS=1``.
@@ -28,11 +29,20 @@ def merge_conditions(paths: list[Path]) -> Image.Image:
     return merged
 
 
-def thumbnail(conditions: list[Path], plots: list[Path] = (), size: int = SIZE) -> Image.Image:
+def thumbnail(conditions: list[Path], plots: list[Path] = (), size: int = SIZE,
+              made: list[Path] = ()) -> Image.Image:
     """A square thumbnail: the merged condition images; with a plot, the plot fills the tile's
-    width at the bottom and the conditions sit above it at the left."""
+    width at the bottom and the conditions sit above it at the left. ``made``: conditions a node
+    made from the loaded images (BPS Condition from Image), shown beside them: the photo at the
+    top left, what became of it at the bottom right."""
     tile = Image.new("RGB", (size, size), BACKGROUND)
     cond = merge_conditions(conditions) if conditions else None
+    if made and cond is not None:
+        side = size * 5 // 8
+        tile.paste(cond.resize((side, side), Image.LANCZOS), (0, 0))
+        result = Image.open(made[0]).convert("RGB").resize((side, side), Image.LANCZOS)
+        tile.paste(result, (size - side, size - side))
+        return tile
     if plots:
         plot = Image.open(plots[0]).convert("RGB")
         plot.thumbnail((size, size), Image.LANCZOS)

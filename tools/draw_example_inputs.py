@@ -1,10 +1,13 @@
-"""Draw the example condition images the example workflows load: a line sketch and a colour layout.
+"""Draw the example images the example workflows load: a line sketch, a colour layout and a photo.
 
-    python tools/draw_example_inputs.py            # writes example_inputs/bps_example_{sketch,layout}.png
+    python tools/draw_example_inputs.py    # writes example_inputs/bps_example_{sketch,layout,photo}.png
 
-Both show the same scene (a cabin by a lake, pines, mountains, the sun) on one 512x512 grid, so the
-sketch and the layout agree where ``BPS Sketch and Layout`` stacks them. Drawn from code, not
-downloaded, so anyone can regenerate them bit for bit (tests/test_example_inputs.py checks that).
+All show the same scene (a cabin by a lake, pines, mountains, the sun) on one 512x512 grid, so the
+sketch and the layout agree where ``BPS Sketch and Layout`` stacks them. The photo is a shaded
+render of the scene (sky gradient and sun glow, textured rock, grass, water and wood, soft edges)
+for ``BPS Photo to Sketch to Image``, whose BPS Condition from Image node makes the sketch. Drawn
+from code with a seeded generator, not downloaded, so anyone can regenerate them bit for bit
+(tests/test_example_files.py checks that).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ SIZE = 512
 OUT = Path(__file__).resolve().parents[1] / "example_inputs"
 SKETCH_NAME = "bps_example_sketch.png"
 LAYOUT_NAME = "bps_example_layout.png"
+PHOTO_NAME = "bps_example_photo.png"
+#: Seed of the photo's textures (numpy's PCG64: the same numbers on every platform).
+PHOTO_SEED = 19
 
 # The scene, in pixels of the 512x512 canvas: each shape is drawn as a filled region in the layout
 # and as its outline in the sketch.
@@ -97,13 +103,70 @@ def draw_layout() -> np.ndarray:
     return img
 
 
+def _smooth_noise(rng: np.random.Generator, cells: int) -> np.ndarray:
+    """Soft random texture (SIZE, SIZE, 1) of about unit amplitude: a cells x cells grid, upscaled."""
+    small = rng.standard_normal((cells, cells)).astype(np.float32)
+    return cv2.resize(small, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)[:, :, None]
+
+
+def _coverage(draw) -> np.ndarray:
+    """(SIZE, SIZE, 1) float coverage in [0, 1] of the shape ``draw(mask)`` fills with 255."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    draw(mask)
+    return mask.astype(np.float32)[:, :, None] / 255.0
+
+
+def draw_photo() -> np.ndarray:
+    """The scene as a photo-like RGB render: shading, texture and soft edges instead of flat colours
+    and lines, as a photo gives the sketch preprocessor."""
+    rng = np.random.default_rng(PHOTO_SEED)
+    y = np.linspace(0.0, 1.0, SIZE, dtype=np.float32)[:, None, None]
+    x = np.linspace(0.0, 1.0, SIZE, dtype=np.float32)[None, :, None]
+    rgb = lambda *c: np.array(c, np.float32)  # noqa: E731
+    (sun_x, sun_y), _ = SUN
+    glow = np.exp(-np.sqrt((x * SIZE - sun_x) ** 2 + (y * SIZE - sun_y) ** 2) / 60.0)
+    img = np.minimum(rgb(70, 130, 210) * (1 - y) + rgb(200, 225, 245) * y + rgb(255, 230, 170) * glow * 0.6, 255)
+    img = np.broadcast_to(img, (SIZE, SIZE, 3))
+
+    def paint(coverage: np.ndarray, colour: np.ndarray) -> None:
+        nonlocal img
+        img = img * (1 - coverage) + colour * coverage
+
+    paint(_coverage(lambda m: cv2.circle(m, SUN[0], SUN[1], 255, -1, cv2.LINE_AA)), rgb(255, 245, 210))
+    rock = rgb(110, 120, 145) * (0.85 + 0.25 * x) + 12 * _smooth_noise(rng, 24)   # lit from the right
+    paint(_coverage(lambda m: cv2.fillPoly(m, [_mountain_polygon()], 255, cv2.LINE_AA)), rock)
+    grass = rgb(95, 160, 70) * (1.15 - 0.45 * y) + 14 * _smooth_noise(rng, 16)
+    paint(_coverage(lambda m: cv2.rectangle(m, (0, HORIZON), (SIZE, SIZE), 255, -1)), grass)
+    (lake_x, lake_y), (half_w, half_h) = LAKE
+    rim = np.sqrt(((x * SIZE - lake_x) / half_w) ** 2 + ((y * SIZE - lake_y) / half_h) ** 2)
+    water = rgb(60, 120, 200) * (1.2 - 0.5 * rim) + 10 * _smooth_noise(rng, 40)
+    paint(_coverage(lambda m: cv2.ellipse(m, LAKE[0], LAKE[1], 0, 0, 360, 255, -1, cv2.LINE_AA)), water)
+    planks = rgb(150, 100, 60) * (0.95 + 0.1 * np.cos(y * SIZE * np.pi / 6)) + 8 * _smooth_noise(rng, 64)
+    planks = planks * np.where(np.floor(y * SIZE) % 12 == 0, 0.7, 1.0)            # gaps between planks
+    paint(_coverage(lambda m: cv2.rectangle(m, CABIN[:2], CABIN[2:], 255, -1)), planks)
+    paint(_coverage(lambda m: cv2.fillPoly(m, [np.array(ROOF, np.int32)], 255, cv2.LINE_AA)),
+          rgb(160, 55, 45) * (1.1 - 0.4 * x))
+    paint(_coverage(lambda m: cv2.rectangle(m, CHIMNEY[:2], CHIMNEY[2:], 255, -1)), rgb(120, 60, 50))
+    paint(_coverage(lambda m: cv2.rectangle(m, DOOR[:2], DOOR[2:], 255, -1)), rgb(80, 50, 30))
+    paint(_coverage(lambda m: cv2.rectangle(m, WINDOW[:2], WINDOW[2:], 255, -1)), rgb(250, 220, 120))
+    for pine in PINES:
+        px, base = pine[0], pine[1]
+        paint(_coverage(lambda m: cv2.rectangle(m, (px - 5, base), (px + 5, base + 25), 255, -1)), rgb(80, 50, 30))
+        needles = rgb(30, 90, 50) * (0.8 + 0.5 * np.clip((x * SIZE - px) / 40 + 0.5, 0, 1)) \
+            + 8 * _smooth_noise(rng, 48)
+        paint(_coverage(lambda m: cv2.fillPoly(m, [_pine(*pine)], 255, cv2.LINE_AA)), needles)
+    img = cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), 0.7)   # a lens's softness
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
 def write(out_dir: Path = OUT) -> list[Path]:
-    """Write both images into ``out_dir``; return their paths."""
+    """Write the three images into ``out_dir``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sketch, layout = out_dir / SKETCH_NAME, out_dir / LAYOUT_NAME
+    sketch, layout, photo = out_dir / SKETCH_NAME, out_dir / LAYOUT_NAME, out_dir / PHOTO_NAME
     cv2.imwrite(str(sketch), draw_sketch(), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     cv2.imwrite(str(layout), cv2.cvtColor(draw_layout(), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    return [sketch, layout]
+    cv2.imwrite(str(photo), cv2.cvtColor(draw_photo(), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return [sketch, layout, photo]
 
 
 def main() -> None:

@@ -3,8 +3,10 @@
 Encoding is the only part of a step that does not depend on the adapter, so it is done once:
 each pair's latent + hint lives in ``samples/<key>.safetensors`` and each prompt's embedding in
 ``text/<key>.safetensors``. A key hashes the image bytes (or the prompt), the training size, the
-hint channels and the base checkpoint's identity, so changed data or another checkpoint never
-reuses a stale entry, and unchanged pairs are not re-encoded when others are added.
+hint channels and the base checkpoint's identity (and, for conditions made from the target with
+``--condition``, the preprocessor, its parameters and its algorithm version), so changed data,
+another checkpoint or another preprocessor setting never reuses a stale entry, and unchanged
+pairs are not re-encoded when others are added.
 The encoders are passed in (ComfyUI's VAE and CLIP in the trainer), which keeps this testable.
 """
 
@@ -15,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +27,9 @@ from .dataset import Pair
 from .hint_layout import LATENT_FACTOR, HintLayout
 from .images import fit_image, read_image
 from .latent_maps import fit_map, read_map
+
+if TYPE_CHECKING:  # the trainer passes the spec in; this module stays importable on its own
+    from ..bps.condition_maps import ConditionSpec
 
 CACHE_VERSION = "bps-train-cache-1"
 
@@ -75,6 +80,7 @@ class CacheConfig:
     base_identity: str               # checkpoint_identity() of the SD1.5 file
     encoder_tag: str = ""            # e.g. VAE dtype: entries from another precision are not reused
     extra_map: bool = False          # style adapters: an extra map packed after the RGB channels
+    condition: "ConditionSpec | None" = None  # --condition: hints made from the targets by this preprocessor
 
     @property
     def hint(self) -> HintLayout:
@@ -87,7 +93,14 @@ def sample_keys(pairs: Sequence[Pair], config: CacheConfig, workers: int = 4) ->
     def one(pair: Pair) -> str:
         # the extra map enters the key only when there is one, so other adapters' keys stay as they were
         extra = ("extra", file_digest(pair.extra)) if pair.extra else ()
-        return _key("sample", file_digest(pair.source), file_digest(pair.target), config.size,
+        if pair.source is None:  # made from the target: the preprocessor and its parameters decide the hint
+            if config.condition is None:
+                raise ValueError(f"{pair.name} has no condition file and the cache has no --condition "
+                                 f"preprocessor to make one")
+            source = ("condition", config.condition.to_json())
+        else:
+            source = (file_digest(pair.source),)
+        return _key("sample", *source, file_digest(pair.target), config.size,
                     config.hint_channels, config.base_identity, config.encoder_tag, *extra)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(pool.map(one, pairs))
@@ -103,14 +116,21 @@ def data_fingerprint(keys: Sequence[str], pairs: Sequence[Pair]) -> str:
     return _key("data", *keys, *("\x1e".join(p.prompts) for p in pairs))
 
 
-def prepare_pair(pair: Pair, size: tuple[int, int], hint: HintLayout | int) -> tuple[np.ndarray, np.ndarray]:
+def prepare_pair(pair: Pair, size: tuple[int, int], hint: HintLayout | int,
+                 condition: "ConditionSpec | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """(target RGB uint8 HxWx3, hint) at the training size ``size`` (pixels).
 
     The hint is uint8 ``HxWxC`` for images (a style adapter's extra map, as luminance, packed after
-    the RGB channels), or float32 ``(H/8)x(W/8)xC`` for a latent-resolution map.
+    the RGB channels), or float32 ``(H/8)x(W/8)xC`` for a latent-resolution map. A pair without a
+    source gets ``condition`` run on the target as fitted to ``size``: the very pixels the VAE
+    encodes, and what the "BPS Condition from Image" node makes of that image.
     """
     hint = HintLayout(hint) if isinstance(hint, int) else hint
     target = fit_image(read_image(pair.target, 3), size)
+    if pair.source is None:
+        if condition is None:
+            raise ValueError(f"{pair.name} has no condition file; pass the --condition preprocessor to make one")
+        return target, condition.apply(target)
     if hint.latent_map:
         latent_size = (size[0] // LATENT_FACTOR, size[1] // LATENT_FACTOR)
         return target, fit_map(read_map(pair.source, hint.channels), latent_size)
@@ -151,11 +171,11 @@ class TrainingCache:
                        workers: int = 4) -> int:
         """Encode and store every pair that is not cached; returns how many were encoded."""
         todo = self.missing_samples(keys)
-        size, channels = self.config.size, self.config.hint
+        size, channels, condition = self.config.size, self.config.hint, self.config.condition
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                prepared = list(pool.map(lambda i: prepare_pair(pairs[i], size, channels), chunk))
+                prepared = list(pool.map(lambda i: prepare_pair(pairs[i], size, channels, condition), chunk))
                 pixels = torch.from_numpy(np.stack([t for t, _ in prepared])).float() / 255.0
                 with torch.no_grad():
                     latents = encode(pixels).float().cpu()

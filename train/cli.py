@@ -17,6 +17,10 @@ WEIGHTS_DTYPE_NAMES = ("fp32", "bf16")
 #: Adafactor (no extra package).
 LOW_VRAM = {"optimizer": None, "weights_dtype": "bf16", "mixed_precision": "bf16",
             "gradient_checkpointing": True, "batch_size": 1, "grad_accum": 16}
+#: --condition: each kind's channels and hint meaning (spelled out here so --help needs no torch;
+#: tests check they equal bps.condition_maps.PREPROCESSORS).
+CONDITION_KINDS = {"sketch": (1, "sketch"), "edges": (1, "edges"), "layout": (3, "layout"), "gray": (1, "grayscale"),
+                   "rgb": (3, "image")}
 LOW_VRAM_TEXT = ("--optimizer adamw8bit (adafactor without bitsandbytes) --weights-dtype bf16 --mixed-precision "
                  "bf16 --gradient-checkpointing --batch-size 1 --grad-accum 16")
 
@@ -47,6 +51,15 @@ Condition inputs (the four official configurations):
             map of the same size (official BPS_forstyle)
   style2    --hint-channels 24: source/NAME.npy, 24 channels at latent resolution (1/8 of the
             target's width and height), shaped (24, h, w) or (h, w, 24)
+From images alone (--condition KIND): DIR/target/* plus captions (or --prompt), no source/;
+the trainer makes each condition from its target image with the preprocessor the "BPS Condition
+from Image" node runs, caches it with the latents and records it in the adapter:
+  sketch    light strokes on black (difference of Gaussians)      sigma=1.4 threshold=0.005 softness=0.015
+  edges     Canny edges                                             low=40 high=80 sigma=1 thickness=1
+  layout    flat colour regions (k-means in Lab), 3 channels      colors=8 smooth=6
+  gray/rgb  the image as luminance / as is                          (no parameters)
+  Sizes (sigma, thickness, smooth) are pixels of a 512x512 image, scaled with the image.
+  Change a parameter with --condition-param KEY=VALUE (repeatable).
 Without --data the trainer draws a demo set of 40 shape sketches and trains on it.
 """
 
@@ -56,6 +69,9 @@ examples:
   python train/train_bps.py --ckpt sd15.safetensors --data data/ --out seg.safetensors --hint-channels 3 --steps 5000
   torchrun --nproc_per_node 4 train/train_bps.py --ckpt sd15.safetensors --data data/ --out a.safetensors
   python train/train_bps.py --ckpt sd15.safetensors --data data/ --out a.safetensors --resume
+  python train/train_bps.py --ckpt sd15.safetensors --data photos/ --out photo_sketch.safetensors --condition sketch
+  python train/train_bps.py --ckpt sd15.safetensors --data photos/ --out edges.safetensors --condition edges \
+      --condition-param low=60 --condition-param high=120
 """
 
 
@@ -131,16 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--omega", default="paper", choices=PRESETS,
                      help="omega preset of the encoder and middle ports (fixed, not trained; decoder ports "
                           "use 1 as in the official recipe). Stored in the adapter. Default: paper.")
-    rec.add_argument("--hint-channels", type=int, default=1, choices=(1, 3, 24),
+    rec.add_argument("--condition", default=None, choices=tuple(CONDITION_KINDS),
+                     help="make each condition from its target image with this preprocessor (data folder: "
+                          "target/ and captions, no source/); see above. Default: none = read source/.")
+    rec.add_argument("--condition-param", action="append", default=[], metavar="KEY=VALUE",
+                     help="a parameter of the --condition preprocessor, e.g. sigma=2 (repeatable). Default: "
+                          "the preprocessor's defaults (listed above).")
+    rec.add_argument("--hint-channels", type=int, default=None, choices=(1, 3, 24),
                      help="channels of the condition: 1 (sketch, edges), 3 (layout, segmentation, RGB) or 24 "
-                          "(a .npy map at latent resolution, the official style2 configuration). Default: 1.")
+                          "(a .npy map at latent resolution, the official style2 configuration). Default: the "
+                          "--condition's (1 for sketch, edges, gray; 3 for layout, rgb), else 1.")
     rec.add_argument("--extra-map", action="store_true",
                      help="style adapter (official BPS_forstyle): an RGB condition plus a grey extra map per "
                           "pair from DIR/extra/ (same name and size as the source); needs --hint-channels 3. "
                           "Default: off.")
     rec.add_argument("--hint-meaning", default=None,
                      help='what the condition image is, stored in the adapter ("sketch", "segmentation"...). '
-                          "Default: sketch for 1 channel, image for 3, style with --extra-map, style2 for 24.")
+                          "Default: the --condition's (sketch, edges, layout, grayscale, image), else sketch for "
+                          "1 channel, image for 3, style with --extra-map, style2 for 24.")
     rec.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order. "
                                                          "Default: 0.")
 
@@ -202,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--generic-prompt-prob must be between 0 and 1, got {args.generic_prompt_prob}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    _resolve_condition(parser, args)
     if args.extra_map and args.hint_channels != 3:
         parser.error(f"--extra-map goes with an RGB condition: pass --hint-channels 3 (got {args.hint_channels})")
     if (args.extra_map or args.hint_channels == 24) and not args.data:
@@ -215,6 +240,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--weights-dtype bf16 with --mixed-precision fp16: B_phi would compute in bf16 inside an "
                      "fp16 UNet with fp16 loss scaling; use --mixed-precision bf16 (or no) with bf16 weights")
     return args
+
+
+def _resolve_condition(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--condition sets the hint channels (which must agree with an explicit --hint-channels)."""
+    if args.condition is None:
+        if args.condition_param:
+            parser.error("--condition-param sets a parameter of the --condition preprocessor; pass --condition "
+                         "sketch (or edges, layout) too")
+        if args.hint_channels is None:
+            args.hint_channels = 1
+        return
+    channels, meaning = CONDITION_KINDS[args.condition]
+    if not args.data:
+        parser.error(f"--condition {args.condition} makes the conditions from your images: pass --data DIR with "
+                     f"target/ images and captions (the built-in demo set has its own sketches)")
+    if args.extra_map or args.hint_channels == 24:
+        parser.error(f"--condition {args.condition} makes a {channels}-channel condition image; style adapters "
+                     f"(--extra-map, --hint-channels 24) need their own source/ and extra/ files")
+    if args.hint_channels not in (None, channels):
+        parser.error(f"--condition {args.condition} makes {channels}-channel conditions, but --hint-channels is "
+                     f"{args.hint_channels}; leave --hint-channels out")
+    args.hint_channels = channels
+    if args.hint_meaning is None:
+        args.hint_meaning = meaning
 
 
 def _explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

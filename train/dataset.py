@@ -8,6 +8,10 @@ Two layouts are understood:
 * plain: the same file names (extension may differ) in ``source/`` and ``target/``; captions in
   ``<name>.txt`` next to the target or in ``captions/``, or one shared ``--prompt``.
 
+With ``--condition KIND`` the conditions are made from the targets (see bps/condition_maps.py):
+the folder needs only ``target/`` and captions (or a JSON file whose records name ``target`` and
+``prompt``); a pair's ``source`` is then None.
+
 Style adapters also read an extra map per pair from ``extra/`` (same name as the source, or the
 record's ``"extra"`` entry); 24-channel adapters read ``source/NAME.npy`` arrays instead of images
 (see :mod:`train.hint_layout`).
@@ -34,7 +38,7 @@ class Pair:
     """One training example: condition image, target image and its captions."""
 
     name: str                  # how reports name it, e.g. "target/07.png" or "prompt.json line 8"
-    source: Path
+    source: Path | None        # None: the condition is made from the target (--condition)
     target: Path
     prompts: tuple[str, ...]
     extra: Path | None = None  # a style adapter's extra map
@@ -125,20 +129,27 @@ def _resolve(data_dir: Path, value: str, folder: str) -> Path | None:
 
 
 def _official_pairs(data_dir: Path, json_path: Path, prompt: str | None,
-                    hint: HintLayout) -> tuple[list[Pair], list[Problem]]:
+                    hint: HintLayout, from_targets: str | None = None) -> tuple[list[Pair], list[Problem]]:
     records, problems = _read_records(json_path)
     pairs = []
+    files = ("target",) if from_targets else ("source", "target")
     for where, rec in records:
         if not isinstance(rec, dict):
             problems.append(Problem(where, "record is not a JSON object"))
             continue
-        missing = [k for k in ("source", "target") if not isinstance(rec.get(k), str) or not rec.get(k)]
+        if from_targets and rec.get("source"):
+            problems.append(Problem(where, f"names a source, but --condition {from_targets} makes the conditions "
+                                           f"from the targets; remove the record's \"source\" or leave --condition "
+                                           f"out to train on the sources"))
+            continue
+        missing = [k for k in files if not isinstance(rec.get(k), str) or not rec.get(k)]
         if missing:
             problems.append(Problem(where, f"missing {' and '.join(repr(k) for k in missing)}"))
             continue
         bad = False
-        paths = {}
-        for key, folder in (("source", "source"), ("target", "target")):
+        paths = {"source": None}
+        for key in files:
+            folder = key
             found = _resolve(data_dir, rec[key], folder)
             if found is None:
                 problems.append(Problem(where, f"{key} file not found: {rec[key]} (looked in {data_dir} "
@@ -197,15 +208,16 @@ def _caption_for(data_dir: Path, target: Path, prompt: str | None) -> tuple[tupl
                   f"or give one prompt for all pairs with --prompt")
 
 
-def _plain_pairs(data_dir: Path, prompt: str | None, hint: HintLayout) -> tuple[list[Pair], list[Problem]]:
-    sources, problems = _by_stem(data_dir / "source", _source_suffixes(hint))
+def _plain_pairs(data_dir: Path, prompt: str | None, hint: HintLayout,
+                 from_targets: str | None = None) -> tuple[list[Pair], list[Problem]]:
+    sources, problems = ({}, []) if from_targets else _by_stem(data_dir / "source", _source_suffixes(hint))
     targets, more = _by_stem(data_dir / "target")
     problems += more
     pairs = []
     for stem, target in targets.items():
         name = f"target/{target.name}"
         source = sources.get(stem)
-        if source is None:
+        if source is None and not from_targets:
             what = f"condition map source/{stem}{MAP_SUFFIX}" if hint.latent_map else f"condition image source/{stem}.*"
             problems.append(Problem(name, f"no {what} for it"))
             continue
@@ -228,11 +240,13 @@ def _plain_pairs(data_dir: Path, prompt: str | None, hint: HintLayout) -> tuple[
 
 # ------------------------------------------------------------------------------------ checks
 
-def find_pairs(data_dir: str | Path, *, prompt: str | None = None,
-               hint: HintLayout = HintLayout()) -> tuple[list[Pair], list[Problem]]:
+def find_pairs(data_dir: str | Path, *, prompt: str | None = None, hint: HintLayout = HintLayout(),
+               from_targets: str | None = None) -> tuple[list[Pair], list[Problem]]:
     """List the pairs of a data folder (either layout) without opening any image.
 
     ``hint`` says what the condition files are (images, images plus extra maps, or ``.npy`` maps).
+    ``from_targets`` (a ``--condition`` kind such as "sketch") means there are no condition files:
+    the conditions will be made from the targets, and a ``source/`` folder is refused as ambiguous.
 
     Returns the pairs whose files and captions were found, and the problems of the others.
 
@@ -250,18 +264,31 @@ def find_pairs(data_dir: str | Path, *, prompt: str | None = None,
         raise DataError(f"{data_dir} has several JSON files ({names}); keep exactly one file pairing "
                         f"source, target and prompt")
     if json_files:
-        return _official_pairs(data_dir, json_files[0], prompt, hint)
+        return _official_pairs(data_dir, json_files[0], prompt, hint, from_targets)
+    if from_targets:
+        if not (data_dir / "target").is_dir():
+            raise DataError(f"{data_dir} has no target/ folder; --condition {from_targets} makes the conditions "
+                            f"from the images in target/ (captions as target/NAME.txt, captions/NAME.txt or "
+                            f"--prompt)")
+        if (data_dir / "source").is_dir():
+            raise DataError(f"{data_dir} has a source/ folder, but --condition {from_targets} makes the "
+                            f"conditions from target/; leave --condition out to train on source/, or move "
+                            f"source/ away to train on {from_targets} conditions made from the targets")
+        return _plain_pairs(data_dir, prompt, hint, from_targets)
     missing = [d for d in ("source", "target") if not (data_dir / d).is_dir()]
     if missing:
+        alone = (" Only images? Pass --condition sketch (or edges, layout) to make the conditions from "
+                 "target/." if missing == ["source"] else "")
         raise DataError(f"{data_dir} has no {' and no '.join(d + '/' for d in missing)} folder; put the "
                         f"condition images in source/ and the images to learn in target/ (same file names), "
-                        f"plus captions as target/NAME.txt or a JSON file pairing them")
+                        f"plus captions as target/NAME.txt or a JSON file pairing them.{alone}")
     return _plain_pairs(data_dir, prompt, hint)
 
 
 def _check_pair(pair: Pair, hint: HintLayout = HintLayout()) -> Problem | None:
     sizes = {}
-    files = [("condition", pair.source), ("target", pair.target)] + ([("extra", pair.extra)] if pair.extra else [])
+    files = ([("condition", pair.source)] if pair.source else []) + [("target", pair.target)] + \
+        ([("extra", pair.extra)] if pair.extra else [])
     for role, path in files:
         try:
             if role == "condition" and hint.latent_map:
@@ -273,6 +300,8 @@ def _check_pair(pair: Pair, hint: HintLayout = HintLayout()) -> Problem | None:
                 else e.strerror or str(e)
             kind = "map" if role == "condition" and hint.latent_map else "image"
             return Problem(pair.name, f"{role} {kind} {path.name} is unreadable: {detail}")
+    if pair.source is None:  # the condition will be made from the target: same size by construction
+        return None
     (sh, sw), (th, tw) = sizes["condition"], sizes["target"]
     if hint.latent_map:
         # at latent resolution: 1/8 of the target, rounded either way for sides that are not multiples of 8
@@ -301,10 +330,12 @@ def check_images(pairs: list[Pair], workers: int = 4,
 
 
 def load_pairs(data_dir: str | Path, *, prompt: str | None = None, skip_bad: bool = False,
-               workers: int = 4, hint: HintLayout = HintLayout()) -> tuple[list[Pair], list[Problem]]:
+               workers: int = 4, hint: HintLayout = HintLayout(),
+               from_targets: str | None = None) -> tuple[list[Pair], list[Problem]]:
     """Find and check all pairs; report every problem at once.
 
-    ``hint`` says what the condition files are (see :mod:`train.hint_layout`).
+    ``hint`` says what the condition files are (see :mod:`train.hint_layout`); ``from_targets``
+    (a ``--condition`` kind) that there are none: the conditions are made from the targets.
 
     Returns:
         The usable pairs and the problems that were skipped (only with ``skip_bad``).
@@ -313,7 +344,7 @@ def load_pairs(data_dir: str | Path, *, prompt: str | None = None, skip_bad: boo
         DataError: any problem and not ``skip_bad`` (the message lists all of them), or no usable
             pair at all.
     """
-    pairs, problems = find_pairs(data_dir, prompt=prompt, hint=hint)
+    pairs, problems = find_pairs(data_dir, prompt=prompt, hint=hint, from_targets=from_targets)
     pairs, image_problems = check_images(pairs, workers, hint)
     problems += image_problems
     listed = len(pairs) + len(problems)

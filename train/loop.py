@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..bps.adapter_file import FORMAT_VERSION, save_adapter
+from ..bps.condition_maps import ConditionSpec, parse_overrides
+from ..bps.errors import ConditionError
 from ..bps.network import BPSConfig, BPSNetwork
 from . import checkpointing as ckpt
 from .base_model import BaseModels, checkpoint_unet_dtype, load_base_models, unet_weight_dtype
@@ -49,7 +51,7 @@ log = logging.getLogger("bps.train")
 DEFAULT_EPOCHS = 16  # official recipe
 #: Options whose change would make a resumed run diverge from the interrupted one.
 RESUME_MUST_MATCH = ("data", "size", "hint_channels", "hint", "batch_size", "grad_accum", "world_size", "seed",
-                     "omega", "generic_prompt_prob", "base", "mixed_precision")
+                     "omega", "generic_prompt_prob", "base", "mixed_precision", "condition")
 
 
 class TrainError(RuntimeError):
@@ -105,6 +107,20 @@ def _check_outputs(args, info: DistInfo) -> Path:
         for name in ("loss.csv", "loss.png"):
             (run_dir / name).unlink(missing_ok=True)
     return run_dir
+
+
+def condition_spec(args) -> ConditionSpec | None:
+    """The --condition preprocessor with its --condition-param values, or None (conditions from source/).
+
+    Raises:
+        TrainError: an unknown parameter or a bad value (before any data or model is read).
+    """
+    if not getattr(args, "condition", None):
+        return None
+    try:
+        return ConditionSpec.make(args.condition, parse_overrides(list(getattr(args, "condition_param", []) or [])))
+    except ConditionError as e:
+        raise TrainError(f"--condition-param: {e}") from None
 
 
 def _data_folder(args, cache_dir: Path, info: DistInfo) -> tuple[Path, str]:
@@ -182,16 +198,20 @@ class _Run:
             ckpt.remove_stale_temporaries(self.run_dir)
         barrier(info)
 
+        condition = self.condition = condition_spec(args)
         data_dir, data_label = _data_folder(args, cache_dir, info)
         hint = hint_layout_of(args)
         pairs, skipped = load_pairs(data_dir, prompt=args.prompt, skip_bad=args.skip_bad,
-                                    workers=max(1, args.num_workers), hint=hint)
+                                    workers=max(1, args.num_workers), hint=hint,
+                                    from_targets=condition.kind if condition else None)
         if skipped and info.is_main:
             log.warning("skipping %d bad entr%s (--skip-bad):\n%s", len(skipped),
                         "y" if len(skipped) == 1 else "ies", "\n".join(f"  - {p}" for p in skipped))
         size = training_size(*image_size(pairs[0].target), args.resolution)
         if info.is_main:
             log.info("%d training pairs from %s at %dx%d px", len(pairs), data_label, size[1], size[0])
+            if condition is not None:
+                log.info("conditions made from the target images: %s", condition.describe())
 
         file_dtype = checkpoint_unet_dtype(args.ckpt)
         mp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -208,7 +228,7 @@ class _Run:
         encoder_tag = broadcast_object(info, str(getattr(base.vae, "vae_dtype", "")) if info.is_main else None)
         cache = TrainingCache(cache_dir, CacheConfig(size=size, hint_channels=args.hint_channels,
                                                      base_identity=identity, encoder_tag=encoder_tag,
-                                                     extra_map=hint.extra_map))
+                                                     extra_map=hint.extra_map, condition=condition))
         keys = sample_keys(pairs, cache.config, workers=max(1, args.num_workers))
         prompts = [GENERIC_PROMPT, ""] + [p for pair in pairs for p in pair.prompts]
         if info.is_main:
@@ -227,6 +247,7 @@ class _Run:
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "world_size": info.world_size,
             "seed": args.seed, "omega": args.omega, "generic_prompt_prob": args.generic_prompt_prob,
             "base": identity, "mixed_precision": args.mixed_precision,
+            "condition": condition.to_json() if condition else None,
         }
 
         dataset = CachedPairs(cache, keys, pairs)
@@ -359,7 +380,8 @@ class _Run:
             self._validate(step, validation, network, omega, base)
         if info.is_main:
             provenance = self._provenance(args, data_label, len(pairs), size, identity, step, info)
-            save_adapter(out, network, omega=omega, hint_meaning=args.hint_meaning, provenance=provenance)
+            save_adapter(out, network, omega=omega, hint_meaning=args.hint_meaning, provenance=provenance,
+                         condition=self.condition.to_dict() if self.condition else None)
             rows = read_loss_log(self.run_dir / "loss.csv")
             draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], self.run_dir / "loss.png",
                             title=f"BPS training loss: {out.name}")
@@ -468,6 +490,7 @@ class _Run:
             "optimizer": self.choice.kind,
             "weights_dtype": self.choice.weights_dtype,
             "generic_prompt_prob": round(args.generic_prompt_prob, 6),
+            "condition": self.condition.describe() if self.condition else "source images",
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
         }
