@@ -65,6 +65,11 @@ def attach(model: comfy.model_patcher.ModelPatcher, attachment: BPSAttachment, *
         ValueError: ``model`` is not a UNet the adapter was trained for (the message names both).
     """
     check_model_fits(model, attachment.unet_shape, adapter_name)
+    if not attachment.network.config.fits(attachment.unet_shape):
+        cfg = attachment.network.config
+        raise ValueError(f"the BPS network (model_channels {cfg.model_channels}, channel_mult {list(cfg.channel_mult)}, "
+                         f"time embedding {cfg.time_embed_dim}) does not fit {attachment.unet_shape.describe()}; "
+                         f"build it with BPSConfig.for_unet(shape)")
     steered = model.clone()
     install_injection_points(steered, attachment.ports)
     steered.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, attachment.key,
@@ -156,7 +161,8 @@ class SteeredForward:
 
     def __init__(self, model: comfy.model_patcher.ModelPatcher, network: BPSNetwork, omega: Sequence[float],
                  unet_shape: UNetShape | None = None):
-        shape = unet_shape or network.config.shape_without_record()
+        """``unet_shape``: the UNet ``network`` was built for (default: ``model``'s own)."""
+        shape = unet_shape or model_unet_shape(model)
         self.attachment = BPSAttachment(network, make_schedule([float(w) for w in omega], ports=port_map(shape)),
                                         unet_shape=shape)
         self.model = attach(model, self.attachment, manage_network=False)
