@@ -31,13 +31,15 @@ from safetensors.torch import save_file
 
 from .errors import AdapterError
 from .network import BPSConfig, BPSNetwork
-from .ports import NUM_PORTS, PAPER_OMEGA, PORTS
+from .ports import PortMap, port_map
+from .unet_shape import UNetShape
 
 FORMAT = "bps-adapter"
 #: Newest format this code writes and reads; files with a larger version are refused.
 #: Version 2 stores the middle port's zero conv as ``zero_blocks.<N>`` (N = number of input
 #: blocks, 12 for SD1.5), its official name; version 1 stored it as ``middle_block.2``. Both load.
 FORMAT_VERSION = 2
+#: ``base_model`` of files that record no UNet shape: they were all made for the SD1.5 family.
 BASE_MODEL = "sd15"
 INJECTION_RULE = ("the residual of port i times omega_i is added to the output of every ResBlock and every "
                   "SpatialTransformer of the port's UNet block; Downsample/Upsample outputs get nothing")
@@ -67,6 +69,8 @@ class Adapter:
         metadata: the file's metadata, JSON values decoded.
         path: the file it was loaded from (None for adapters built in memory).
         hint_meaning: what the condition image is: "sketch", "layout", "segmentation", "style", ...
+        unet_shape: the UNet the adapter was trained for (None: the one its network's widths
+            give in SD1.5's layout, which for a full-width network is SD1.5).
     """
 
     network: BPSNetwork
@@ -75,6 +79,16 @@ class Adapter:
     metadata: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     hint_meaning: str = "sketch"
+    unet_shape: UNetShape | None = None
+
+    def __post_init__(self) -> None:
+        if self.unet_shape is None:
+            self.unet_shape = self.config.shape_without_record()
+
+    @property
+    def ports(self) -> PortMap:
+        """The ports of the UNet this adapter steers, in its omega's order."""
+        return port_map(self.unet_shape)
 
     @property
     def condition(self) -> dict[str, Any] | None:
@@ -188,27 +202,44 @@ def _parse_metadata(path: str, raw: dict[str, str] | None) -> dict[str, Any]:
     if missing:
         raise _fail(path, f"metadata {', '.join(repr(k) for k in missing)} {'is' if len(missing) == 1 else 'are'} "
                           f"missing", _RESAVE)
-    if meta["base_model"] != BASE_MODEL:
-        raise _fail(path, f"it was made for base model {meta['base_model']!r}, but this pack steers "
-                          f"{BASE_MODEL!r} (Stable Diffusion 1.5) only", "Use an adapter trained for SD1.5")
+    if "unet" not in meta and meta["base_model"] != BASE_MODEL:
+        raise _fail(path, f"it was made for base model {meta['base_model']!r} but records no UNet shape, so this "
+                          f"pack cannot tell which UNet it steers",
+                    "Use an adapter trained for SD1.5, or re-save it with this pack's trainer")
     if not isinstance(meta["hint_meaning"], str):
         raise _fail(path, f"metadata 'hint_meaning' is {meta['hint_meaning']!r}, not text", _RESAVE)
     return meta
 
 
-def _config_and_omega(path: str, meta: dict[str, Any]) -> tuple[BPSConfig, list[float]]:
+def _config_and_omega(path: str, meta: dict[str, Any]) -> tuple[BPSConfig, list[float], UNetShape]:
     try:
         if not isinstance(meta["config"], dict):
             raise ValueError(f"{meta['config']!r} is not a JSON object")
         config = BPSConfig.from_dict(meta["config"])
     except (ValueError, TypeError) as e:
         raise _fail(path, f"its architecture config is invalid ({e})", _RESAVE) from None
+    if "unet" in meta:
+        try:
+            if not isinstance(meta["unet"], dict):
+                raise ValueError(f"{meta['unet']!r} is not a JSON object")
+            shape = UNetShape.from_dict(meta["unet"])
+        except (ValueError, TypeError) as e:
+            raise _fail(path, f"its UNet shape is invalid ({e})", _RESAVE) from None
+        if meta["base_model"] != shape.family_key:
+            raise _fail(path, f"its metadata contradicts itself: base model {meta['base_model']!r} but the UNet of "
+                              f"{shape.family}", _RESAVE)
+        if not config.fits(shape):
+            raise _fail(path, f"its network (model_channels {config.model_channels}, channel_mult "
+                              f"{list(config.channel_mult)}) does not fit the UNet it records, {shape.describe()}",
+                        _RESAVE)
+    else:
+        shape = config.shape_without_record()
     omega = meta["omega"]
     if (not isinstance(omega, list) or len(omega) != config.num_ports
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in omega)):
         raise _fail(path, f"its omega must be {config.num_ports} finite numbers (one per port), got {omega!r}",
                     _RESAVE)
-    return config, [float(w) for w in omega]
+    return config, [float(w) for w in omega], shape
 
 
 def file_tensor_names(network: BPSNetwork, version: int) -> dict[str, str]:
@@ -269,7 +300,7 @@ def load_adapter(path: os.PathLike | str, *, device: torch.device | str = "cpu",
     path = os.fspath(path)
     header, raw = _read_header(path)
     meta = _parse_metadata(path, raw)
-    config, omega = _config_and_omega(path, meta)
+    config, omega, unet_shape = _config_and_omega(path, meta)
 
     # Built on the meta device: no memory, no init; the file's tensors are assigned below.
     with torch.device("meta"):
@@ -314,7 +345,7 @@ def load_adapter(path: os.PathLike | str, *, device: torch.device | str = "cpu",
         raise _fail(path, f"the file cannot be read ({e})", _REDOWNLOAD) from None
     network.load_state_dict(state, assign=True)
     network.eval().requires_grad_(False)
-    return Adapter(network, omega, config, meta, path, meta["hint_meaning"])
+    return Adapter(network, omega, config, meta, path, meta["hint_meaning"], unet_shape)
 
 
 def _umask() -> int:
@@ -331,7 +362,8 @@ def _umask() -> int:
 
 def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequence[float] | None = None,
                  dtype: torch.dtype = torch.float16, hint_meaning: str = "sketch",
-                 provenance: dict[str, Any] | None = None, condition: dict[str, Any] | None = None) -> None:
+                 provenance: dict[str, Any] | None = None, condition: dict[str, Any] | None = None,
+                 unet: UNetShape | None = None) -> None:
     """Write an adapter file atomically: a temp file in the same folder, renamed over ``path``.
 
     If anything fails the previous file at ``path`` (if any) is untouched and no temp file stays.
@@ -339,16 +371,19 @@ def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequenc
     Args:
         path: the ``.safetensors`` file to write.
         network: the trained B_phi (any device and dtype).
-        omega: default port weights (default: the paper's top-heavy weights).
+        omega: default port weights (default: the UNet's top-heavy defaults, the paper's for SD1.5).
         dtype: storage dtype: float16 (default), bfloat16 or float32.
         hint_meaning: what the condition image is ("sketch", "layout", "segmentation", "style", or free text).
         provenance: training facts (base checkpoint, data, steps, ...), stored as JSON.
         condition: the preprocessor that made the training conditions from the images
             (:meth:`bps.condition_maps.ConditionSpec.to_dict`), stored as JSON under "condition"
             so the "BPS Condition from Image" node can make the same condition at sampling time.
+        unet: the UNet the adapter steers (default: SD1.5's layout at the network's widths, i.e.
+            SD1.5 for a full-width network); recorded so that loaders refuse other UNets.
 
     Raises:
-        ValueError: bad arguments (path suffix, dtype, omega, hint_meaning).
+        ValueError: bad arguments (path suffix, dtype, omega, hint_meaning, a network that does
+            not fit ``unet``).
         AdapterError: the network holds NaN/Inf values, so the file could not be loaded.
     """
     path = Path(path)
@@ -357,7 +392,13 @@ def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequenc
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"adapter dtype must be one of {', '.join(map(str, _SAVE_DTYPES))}, got {dtype}")
     config = network.config
-    omega = [float(w) for w in (PAPER_OMEGA if omega is None else omega)]
+    unet = unet or config.shape_without_record()
+    if not config.fits(unet):
+        raise ValueError(f"the network (model_channels {config.model_channels}, channel_mult "
+                         f"{list(config.channel_mult)}) does not fit {unet.describe()}; build it with "
+                         f"BPSConfig.for_unet(shape)")
+    ports = port_map(unet)
+    omega = [float(w) for w in (ports.default_omega if omega is None else omega)]
     if len(omega) != config.num_ports or not all(math.isfinite(w) for w in omega):
         raise ValueError(f"omega needs {config.num_ports} finite weights (one per port), got {omega}")
     if not isinstance(hint_meaning, str) or not hint_meaning.strip():
@@ -366,7 +407,8 @@ def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequenc
     metadata = {
         "format": FORMAT,
         "format_version": json.dumps(FORMAT_VERSION),
-        "base_model": json.dumps(BASE_MODEL),
+        "base_model": json.dumps(unet.family_key),
+        "unet": json.dumps(unet.to_dict()),
         "config": json.dumps(config.to_dict()),
         "hint_channels": json.dumps(config.hint_channels),
         "extra_channels": json.dumps(config.extra_channels),
@@ -375,8 +417,7 @@ def save_adapter(path: os.PathLike | str, network: BPSNetwork, *, omega: Sequenc
         "omega": json.dumps(omega),
         "injection": json.dumps(INJECTION_RULE),
     }
-    if config.num_ports == NUM_PORTS:
-        metadata["omega_ports"] = json.dumps([p.name for p in PORTS])
+    metadata["omega_ports"] = json.dumps(list(ports.names))
     if provenance:
         metadata["provenance"] = json.dumps(provenance, default=str)
     if condition:

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import HintError
-from .ports import PORTS
+from .ports import SD15_PORTS, bps_problem, port_map
 from .small_map_conv import SmallMapConv2d
+from .unet_shape import SD15_SHAPE, UNetShape
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,39 @@ class BPSConfig:
         levels = len(self.channel_mult)
         return levels * self.num_res_blocks + 1 + levels * (self.num_res_blocks + 1)
 
+    @classmethod
+    def for_unet(cls, shape: UNetShape, **hint: Any) -> "BPSConfig":
+        """B_phi's config for a UNet of ``shape``: its widths, ResBlock count and time-embedding
+        width; ``hint`` sets the condition fields (``hint_channels``, ``extra_channels``...).
+
+        Raises:
+            ValueError: the port rule does not cover this UNet (the message says why).
+        """
+        problem = bps_problem(shape)
+        if problem:
+            raise ValueError(f"BPS cannot steer {shape.family}: {problem}")
+        return cls(model_channels=shape.model_channels, channel_mult=shape.channel_mult,
+                   num_res_blocks=shape.num_res_blocks[0], time_embed_dim=shape.time_embed_dim, **hint)
+
+    def fits(self, shape: UNetShape) -> bool:
+        """True when this network's residuals match the ports of a UNet of ``shape`` in count,
+        width and scale, and it reads that UNet's time embedding."""
+        if bps_problem(shape) is not None or self.time_embed_dim != shape.time_embed_dim:
+            return False
+        ports = port_map(shape)
+        return (self.port_channels() == [p.channels for p in ports]
+                and self.port_downsample() == [p.downsample for p in ports])
+
     @property
     def is_sd15_layout(self) -> bool:
         """True when the ports match the SD1.5 UNet (bps.ports.PORTS) in count, width and scale."""
-        return (self.model_channels, self.channel_mult, self.num_res_blocks, self.time_embed_dim) == (
-            320, (1, 2, 4, 4), 2, 1280)
+        return self.fits(SD15_SHAPE)
+
+    def shape_without_record(self) -> UNetShape:
+        """The UNet shape assumed for an adapter file that records none (files written before
+        shapes were recorded, all for the SD1.5 family): SD1.5's block layout at this network's
+        widths, which is SD1.5 itself for a full-width network."""
+        return UNetShape.like_sd15(self.model_channels, self.channel_mult, self.num_res_blocks, self.time_embed_dim)
 
     def port_channels(self) -> list[int]:
         """Residual channels per port, in port order."""
@@ -165,8 +194,8 @@ class BPSConfig:
             raise ValueError(f"invalid BPS config {d}: {e}") from None
 
 
-assert BPSConfig().port_channels() == [p.channels for p in PORTS]
-assert BPSConfig().port_downsample() == [p.downsample for p in PORTS]
+assert BPSConfig().port_channels() == [p.channels for p in SD15_PORTS]
+assert BPSConfig().port_downsample() == [p.downsample for p in SD15_PORTS]
 
 
 class GroupNorm32(nn.GroupNorm):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .errors import ScheduleError
-from .ports import NUM_PORTS, PORTS, port_by_name
+from .ports import SD15_PORTS, PortMap
 
 #: Base-weight presets. E/M/D name the port groups the paper's integration modes switch on.
 PRESETS: tuple[str, ...] = ("paper", "uniform", "E", "M", "D", "EM", "MD", "EMD")
@@ -107,45 +107,82 @@ class Curve:
         raise ScheduleError(f"unknown curve {self.kind!r}; use one of {', '.join(CURVES)}")
 
 
-def _port_index(name: str, context: str) -> int:
+_PORT_NAME = re.compile(r"input_\d+|middle|output_\d+")
+
+
+def _override_key(name: str, context: str) -> str | int:
+    """Syntax check of one override's port: a port name as the port rule forms them, or an index."""
     name = name.strip()
     if re.fullmatch(r"\d+", name):
-        index = int(name)
-        if index >= NUM_PORTS:
-            raise ScheduleError(f"override {context!r}: port index {index} is out of range 0..{NUM_PORTS - 1}")
-        return index
-    try:
-        return port_by_name(name).index
-    except KeyError:
-        raise ScheduleError(f"override {context!r}: unknown port {name!r}; ports are "
-                            f"{', '.join(p.name for p in PORTS)} (or indices 0..{NUM_PORTS - 1})") from None
+        return int(name)
+    if _PORT_NAME.fullmatch(name):
+        return name
+    raise ScheduleError(f"override {context!r}: unknown port {name!r}; ports are named input_N, middle and "
+                        f"output_N after their UNet block ({', '.join(SD15_PORTS.names)} for SD1.5), or given by "
+                        f"index")
 
 
-def parse_overrides(text: str) -> tuple[tuple[int, float], ...]:
-    """Parse per-port overrides: ``"input_1=0.5, middle=0, 13=2"`` or exactly 21 bare numbers.
+def _is_bare_list(text: str) -> bool:
+    parts = [part for part in re.split(r"[,;\n]", text or "") if part.strip()]
+    return bool(parts) and all("=" not in part for part in parts)
 
-    Returns ``(port index, weight)`` pairs; a later entry for the same port wins.
-    """
+
+def _parse_override_keys(text: str) -> tuple[tuple[str | int, float], ...]:
+    """Overrides as written: ``(port name or index, weight)`` pairs, a later entry for a port winning.
+    A bare list of numbers gives indices 0..n-1; its length is checked against an adapter's ports
+    when the overrides are resolved (:func:`resolve_overrides`)."""
     parts = [part.strip() for part in re.split(r"[,;\n]", text or "") if part.strip()]
-    if not parts:
-        return ()
-    if all("=" not in part for part in parts):
-        if len(parts) != NUM_PORTS:
-            raise ScheduleError(f"overrides {text.strip()!r}: a bare list needs exactly {NUM_PORTS} weights "
-                                f"(got {len(parts)}); or name ports, e.g. {_OVERRIDE_EXAMPLE}")
+    if _is_bare_list(text):
         return tuple((i, _number(part, "weight", text.strip())) for i, part in enumerate(parts))
-    result: dict[int, float] = {}
+    result: dict[str | int, float] = {}
     for part in parts:
         if part.count("=") != 1:
             raise ScheduleError(f'override "{part}" is not "port=weight"; write e.g. {_OVERRIDE_EXAMPLE}')
         name, value = part.split("=")
-        result[_port_index(name, part)] = _number(value, "weight", part)
+        result[_override_key(name, part)] = _number(value, "weight", part)
+    return tuple(result.items())
+
+
+def resolve_overrides(keys: tuple[tuple[str | int, float], ...], ports: PortMap = SD15_PORTS, *,
+                      bare_list: bool = False, context: str = "") -> tuple[tuple[int, float], ...]:
+    """Turn written overrides into sorted ``(port index, weight)`` pairs for one adapter's ports.
+
+    Raises:
+        ScheduleError: a bare list (``bare_list``) of the wrong length, an index out of range or a
+            name that is not one of these ports; the message lists the ports.
+    """
+    n = len(ports)
+    if bare_list and len(keys) != n:
+        raise ScheduleError(f"overrides {context!r}: a bare list needs exactly {n} weights (got {len(keys)}) for "
+                            f"{ports.shape.family}'s ports; or name ports, e.g. {_OVERRIDE_EXAMPLE}")
+    result: dict[int, float] = {}
+    for key, value in keys:
+        if isinstance(key, int):
+            if key >= n:
+                raise ScheduleError(f"override {context!r}: port index {key} is out of range 0..{n - 1}")
+            result[key] = value
+        else:
+            try:
+                result[ports.by_name(key).index] = value
+            except KeyError:
+                raise ScheduleError(f"override {context!r}: unknown port {key!r} for {ports.shape.family}; ports are "
+                                    f"{', '.join(ports.names)} (or indices 0..{n - 1})") from None
     return tuple(sorted(result.items()))
 
 
-def _check_adapter_omega(adapter_omega: Sequence[float]) -> tuple[float, ...]:
-    if len(adapter_omega) != NUM_PORTS:
-        raise ScheduleError(f"adapter omega has {len(adapter_omega)} weights; expected one per port ({NUM_PORTS})")
+def parse_overrides(text: str, ports: PortMap = SD15_PORTS) -> tuple[tuple[int, float], ...]:
+    """Parse per-port overrides against ``ports`` (default SD1.5): ``"input_1=0.5, middle=0, 13=2"``
+    or one bare number per port.
+
+    Returns ``(port index, weight)`` pairs; a later entry for the same port wins.
+    """
+    return resolve_overrides(_parse_override_keys(text), ports, bare_list=_is_bare_list(text),
+                             context=(text or "").strip())
+
+
+def _check_adapter_omega(adapter_omega: Sequence[float], ports: PortMap) -> tuple[float, ...]:
+    if len(adapter_omega) != len(ports):
+        raise ScheduleError(f"adapter omega has {len(adapter_omega)} weights; expected one per port ({len(ports)})")
     return tuple(_finite(w, "adapter omega") for w in adapter_omega)
 
 
@@ -157,8 +194,11 @@ class OmegaSpec:
     encoder: float = 1.0
     middle: float = 1.0
     decoder: float = 1.0
-    overrides: tuple[tuple[int, float], ...] = ()
+    #: ``(port name or index, weight)`` as written; resolved against each adapter's ports.
+    overrides: tuple[tuple[str | int, float], ...] = ()
     curve: Curve = field(default_factory=Curve)
+    #: The overrides were one bare weight per port (their count must match the adapter's ports).
+    overrides_are_list: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -166,17 +206,18 @@ class OmegaSpec:
         for group in ("encoder", "middle", "decoder"):
             _finite(getattr(self, group), f"{group} multiplier")
 
-    def base_weights(self, adapter_omega: Sequence[float]) -> tuple[float, ...]:
-        """The 21 base weights for an adapter whose own defaults are ``adapter_omega``.
+    def base_weights(self, adapter_omega: Sequence[float], ports: PortMap = SD15_PORTS) -> tuple[float, ...]:
+        """The base weights for an adapter with ``ports`` (default SD1.5's 21) whose own defaults
+        are ``adapter_omega``.
 
         ``paper`` keeps the adapter's defaults; ``uniform`` sets every port to 1; the integration
         modes keep the adapter's defaults for the named groups and zero the others (so ``EMD``
         equals ``paper``). Group multipliers apply next; overrides set final values.
         """
-        defaults = _check_adapter_omega(adapter_omega)
+        defaults = _check_adapter_omega(adapter_omega, ports)
         multiplier = {"encoder": self.encoder, "middle": self.middle, "decoder": self.decoder}
         weights = []
-        for port, default in zip(PORTS, defaults):
+        for port, default in zip(ports, defaults):
             if self.preset == "uniform":
                 w = 1.0
             elif self.preset == "paper" or _GROUP_LETTER[port.group] in self.preset:
@@ -184,7 +225,8 @@ class OmegaSpec:
             else:
                 w = 0.0
             weights.append(w * multiplier[port.group])
-        for index, value in self.overrides:
+        for index, value in resolve_overrides(self.overrides, ports, bare_list=self.overrides_are_list,
+                                              context=", ".join(f"{k}={w:g}" for k, w in self.overrides)):
             weights[index] = value
         return tuple(weights)
 
@@ -192,8 +234,8 @@ class OmegaSpec:
 def make_omega_spec(preset: str = "paper", encoder: float = 1.0, middle: float = 1.0, decoder: float = 1.0,
                     overrides: str = "", curve: str = "constant", keyframes: str = "") -> OmegaSpec:
     """Validate raw settings (e.g. node widget values) into an :class:`OmegaSpec`."""
-    return OmegaSpec(preset, float(encoder), float(middle), float(decoder), parse_overrides(overrides),
-                     Curve.parse(curve, keyframes))
+    return OmegaSpec(preset, float(encoder), float(middle), float(decoder), _parse_override_keys(overrides),
+                     Curve.parse(curve, keyframes), _is_bare_list(overrides))
 
 
 @dataclass(frozen=True)
@@ -223,11 +265,13 @@ class OmegaSchedule:
 
 
 def make_schedule(adapter_omega: Sequence[float], spec: OmegaSpec | None = None, *, strength: float = 1.0,
-                  start: float = 0.0, end: float = 1.0) -> OmegaSchedule:
-    """Resolve ``spec`` (default: the adapter's own weights, constant) against an adapter.
+                  start: float = 0.0, end: float = 1.0, ports: PortMap = SD15_PORTS) -> OmegaSchedule:
+    """Resolve ``spec`` (default: the adapter's own weights, constant) against an adapter whose
+    ports are ``ports`` (``adapter.ports``; default SD1.5's).
 
     Raises:
-        ScheduleError: non-finite strength, a range outside [0, 1], or start after end.
+        ScheduleError: non-finite strength, a range outside [0, 1], start after end, or overrides
+            that name no port of ``ports``.
     """
     spec = spec or OmegaSpec()
     strength, start, end = (_finite(strength, "strength"), _finite(start, "start_percent"),
@@ -236,7 +280,7 @@ def make_schedule(adapter_omega: Sequence[float], spec: OmegaSpec | None = None,
         raise ScheduleError(f"start_percent {start:g} and end_percent {end:g} must lie in [0, 1]")
     if start > end:
         raise ScheduleError(f"start_percent {start:g} is after end_percent {end:g}; swap them")
-    return OmegaSchedule(spec.base_weights(adapter_omega), strength, start, end, spec.curve)
+    return OmegaSchedule(spec.base_weights(adapter_omega, ports), strength, start, end, spec.curve)
 
 
 def progress_from_timestep(t: float, num_train_timesteps: int = 1000) -> float:
@@ -254,7 +298,7 @@ def describe(schedule: OmegaSchedule | OmegaSpec) -> str:
         parts = [f"preset {schedule.preset}",
                  f"x(E {schedule.encoder:g}, M {schedule.middle:g}, D {schedule.decoder:g})"]
         if schedule.overrides:
-            parts.append(", ".join(f"{PORTS[i].name}={w:g}" for i, w in schedule.overrides))
+            parts.append(", ".join(f"{k}={w:g}" for k, w in schedule.overrides))
         curve = schedule.curve
     else:
         parts = [f"strength {schedule.strength:g}", f"p in [{schedule.start:g}, {schedule.end:g}]"]

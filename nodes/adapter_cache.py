@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..bps.adapter_file import Adapter, load_adapter
-from .steering import adapter_model_patcher
+from .model_management import adapter_model_patcher
 
 #: Environment variable: how many adapters to keep (default 2: a two-adapter workflow).
 CAPACITY_ENV = "BPS_ADAPTER_CACHE"

@@ -63,6 +63,7 @@ class BPSApply(io.ComfyNode):
     def execute(cls, model, bps_adapter, image, strength: float, start_percent: float, end_percent: float,
                 omega=None, mask=None) -> io.NodeOutput:
         refuse_unfeedable(bps_adapter, "Apply BPS")
-        schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent)
+        schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent,
+                                 ports=bps_adapter.ports)
         # IMAGE is (B, H, W, C); B_phi makes its input contiguous itself (BPSNetwork.prepare_hint).
         return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask))

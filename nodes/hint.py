@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..bps.errors import HintError
 from .apply import refuse_unfeedable
 from .sockets import CATEGORY, BPSAdapterType
-from .steering import LUMA, fit_image
+from .hint_fit import LUMA, fit_image
 
 
 def _luminance(image: torch.Tensor) -> torch.Tensor:

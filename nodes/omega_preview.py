@@ -6,7 +6,7 @@ import torch
 
 from comfy_api.latest import io, ui
 
-from ..bps.ports import PAPER_OMEGA
+from ..bps.ports import SD15_PORTS
 from ..bps.schedule import make_schedule
 from .schedule_plot import render_schedule
 from .sockets import CATEGORY, BPSAdapterType, BPSOmegaType
@@ -31,7 +31,7 @@ class BPSOmegaPreview(io.ComfyNode):
                                            "constant."),
                 BPSAdapterType.Input("bps_adapter", optional=True,
                                      tooltip="The adapter whose own weights the 'paper' and E/M/D presets use. "
-                                             "Default: the paper's top-heavy weights (encoder 16/8/4/2, "
+                                             "Default: SD1.5's top-heavy weights (encoder 16/8/4/2, "
                                              "middle 16, decoder 1)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="As on Apply BPS: multiplies every weight."),
@@ -49,7 +49,9 @@ class BPSOmegaPreview(io.ComfyNode):
     @classmethod
     def execute(cls, strength: float, start_percent: float, end_percent: float, width: int, height: int,
                 omega=None, bps_adapter=None) -> io.NodeOutput:
-        defaults = bps_adapter.omega if bps_adapter is not None else PAPER_OMEGA
-        schedule = make_schedule(defaults, omega, strength=strength, start=start_percent, end=end_percent)
-        image = torch.from_numpy(render_schedule(schedule, width, height)).unsqueeze(0)
+        ports = bps_adapter.ports if bps_adapter is not None else SD15_PORTS
+        defaults = bps_adapter.omega if bps_adapter is not None else ports.default_omega
+        schedule = make_schedule(defaults, omega, strength=strength, start=start_percent, end=end_percent,
+                                 ports=ports)
+        image = torch.from_numpy(render_schedule(schedule, width, height, ports)).unsqueeze(0)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))

@@ -11,7 +11,7 @@ import math
 import cv2
 import numpy as np
 
-from ..bps.ports import GROUPS, PORTS
+from ..bps.ports import GROUPS, SD15_PORTS, PortMap
 from ..bps.schedule import OmegaSchedule, describe
 
 #: RGB colours per port group (encoder blue, middle red, decoder green).
@@ -46,8 +46,10 @@ def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, colour
     cv2.putText(img, text, org, _FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
-def render_schedule(schedule: OmegaSchedule, width: int = 768, height: int = 512) -> np.ndarray:
-    """Plot ``schedule``; returns an RGB ``(height, width, 3)`` float32 image in [0, 1]."""
+def render_schedule(schedule: OmegaSchedule, width: int = 768, height: int = 512,
+                    ports: PortMap = SD15_PORTS) -> np.ndarray:
+    """Plot ``schedule`` of an adapter with ``ports`` (default SD1.5's); returns an RGB
+    ``(height, width, 3)`` float32 image in [0, 1]."""
     if width < 256 or height < 256:
         raise ValueError(f"the schedule plot needs at least 256x256 pixels, got {width}x{height}")
     img = np.full((height, width, 3), 255, np.uint8)
@@ -59,7 +61,7 @@ def render_schedule(schedule: OmegaSchedule, width: int = 768, height: int = 512
 
     ps = _sample_points(schedule, max(64, plot[2] - plot[0]))
     weights = np.array([schedule.weights_at(float(p)) for p in ps])   # (points, ports)
-    peak = np.abs(weights).max(axis=0) if len(weights) else np.zeros(len(PORTS))
+    peak = np.abs(weights).max(axis=0) if len(weights) else np.zeros(len(ports))
     lo = min(0.0, float(weights.min()))
     hi = _nice_max(float(weights.max()))
     if lo < 0:
@@ -90,25 +92,25 @@ def render_schedule(schedule: OmegaSchedule, width: int = 768, height: int = 512
     # Decoder first so the (usually larger) encoder weights stay visible over it; the single middle
     # port last, since with the paper's weights it coincides with input_1 and would vanish under it.
     for group in ("decoder", "encoder", "middle"):
-        for port in (p for p in PORTS if p.group == group):
+        for port in ports.in_group(group):
             pts = to_xy(ps, weights[:, port.index])
             cv2.polylines(img, [pts.reshape(-1, 1, 2)], False, GROUP_COLOURS[group], 2, cv2.LINE_AA)
 
     _text(img, "BPS omega schedule: " + describe(schedule), (8, 16), scale * 0.95)
     x = plot[0]
     for group in GROUPS:
-        count = sum(p.group == group for p in PORTS)
+        count = len(ports.in_group(group))
         label = f"{group} ({count})"
         cv2.line(img, (x, 32), (x + 18, 32), GROUP_COLOURS[group], 3)
         _text(img, label, (x + 22, 37), scale)
         x += 30 + cv2.getTextSize(label, _FONT, scale, 1)[0][0]
 
     # Peak weight of every port, in port order.
-    slot = (bars[2] - bars[0]) / len(PORTS)
+    slot = (bars[2] - bars[0]) / len(ports)
     top_w = _nice_max(float(peak.max())) if peak.max() > 0 else 1.0
     cv2.line(img, (bars[0], bars[3]), (bars[2], bars[3]), _INK, 1)
     _text(img, f"peak |weight| per port (max {top_w:g})", (bars[0], bars[1] - 2), scale * 0.9)
-    for port in PORTS:
+    for port in ports:
         x0 = int(bars[0] + port.index * slot + slot * 0.15)
         x1 = int(bars[0] + (port.index + 1) * slot - slot * 0.15)
         y0 = int(round(bars[3] - peak[port.index] / top_w * (bars[3] - bars[1] - 8)))

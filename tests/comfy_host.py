@@ -97,7 +97,7 @@ def release_memory() -> None:
     for name, module in list(sys.modules.items()):
         if name.endswith(".nodes.adapter_cache"):
             module.ADAPTERS.clear()
-        elif name.endswith(".nodes.steering") and getattr(module, "_RESIDUAL_CACHE", None) is not None:
+        elif name.endswith(".nodes.model_management") and getattr(module, "_RESIDUAL_CACHE", None) is not None:
             module._RESIDUAL_CACHE.clear()
     management = sys.modules.get("comfy.model_management")
     if management is not None:

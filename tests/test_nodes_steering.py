@@ -193,7 +193,8 @@ def test_non_sd15_model_is_refused_with_a_clear_error(pack, steering, full_adapt
     with torch.device("meta"):
         model = config.get_model({})
     patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
-    with pytest.raises(ValueError, match="cannot steer this MODEL: it is SDXL.*not SD1.5-shaped.*channel_mult"):
+    with pytest.raises(ValueError, match=r"cannot steer this MODEL: it is SDXL \(levels 320, 640, 1280.*was trained "
+                                         r"for SD1.5 \(levels 320, 640, 1280, 1280.*Connect the MODEL of a SD1.5 checkpoint"):
         steering.attach_bps(patcher, full_adapter, _hint(1), pack.bps.make_schedule(full_adapter.omega))
 
 

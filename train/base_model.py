@@ -54,6 +54,12 @@ class BaseModels:
         tokens = self.clip.tokenize(prompt)
         return self.clip.encode_from_tokens(tokens)
 
+    @property
+    def unet_shape(self) -> Any:
+        """The UNet's shape (:class:`bps.unet_shape.UNetShape`): what B_phi and its ports are built for."""
+        from ..nodes.base_check import model_unet_shape
+        return model_unet_shape(self.model)
+
     def free_encoders(self) -> None:
         """Drop CLIP and VAE once everything is cached (validation keeps its own reference)."""
         self.clip = None
@@ -98,13 +104,15 @@ def unet_weight_dtype(mixed_precision: str, device: torch.device, file_dtype: to
 
 
 def _check_sd15(model: Any, path: Path) -> None:
+    from ..bps.unet_shape import SD15_SHAPE
+    from ..nodes.base_check import model_unet_shape
     cfg = getattr(model.model, "model_config", None)
-    unet_config = getattr(cfg, "unet_config", {}) or {}
     name = type(cfg).__name__ if cfg is not None else "unknown"
-    ok = (unet_config.get("model_channels") == 320 and unet_config.get("context_dim") == 768
-          and tuple(unet_config.get("channel_mult", ())) == (1, 2, 4, 4)
-          and unet_config.get("in_channels", 4) == 4)
-    if not ok:
+    try:
+        shape = model_unet_shape(model)
+    except ValueError:
+        shape = None
+    if shape is None or shape.signature() != SD15_SHAPE or shape.in_channels != 4:
         raise BaseModelError(f"{path} is a {name} model, not Stable Diffusion 1.5: BPS adapters steer the SD1.5 "
                              f"UNet (320 channels, 768-wide text context). Pass an SD1.5 checkpoint "
                              f"(or a fine-tune of it) with --ckpt.")

@@ -26,6 +26,7 @@ from ..bps.adapter_file import FORMAT_VERSION, save_adapter
 from ..bps.condition_maps import ConditionSpec, parse_overrides
 from ..bps.errors import ConditionError
 from ..bps.network import BPSConfig, BPSNetwork
+from ..bps.ports import port_map
 from . import checkpointing as ckpt
 from .base_model import BaseModels, checkpoint_unet_dtype, load_base_models, unet_weight_dtype
 from .cache import (CacheConfig, CachedPairs, TrainingCache, checkpoint_identity, collate,
@@ -257,8 +258,9 @@ class _Run:
                                                args.grad_accum)
 
         # ---- network, optimizer, resume
-        omega = training_omega(args.omega)
-        config = BPSConfig(**hint.network_fields())
+        unet_shape = base.unet_shape
+        omega = training_omega(args.omega, port_map(unet_shape))
+        config = BPSConfig.for_unet(unet_shape, **hint.network_fields())
         resume = ckpt.load_latest_checkpoint(self.run_dir) if args.resume else None
         if args.resume and resume is None:
             raise TrainError(f"--resume: no readable checkpoint in {self.run_dir}")
@@ -275,7 +277,7 @@ class _Run:
             log.info("adapter: %.0fM parameters, %.0fM trainable (omega preset %s)", total_params / 1e6,
                      trainable / 1e6, args.omega)
         network.gradient_checkpointing = bool(args.gradient_checkpointing)
-        steered = SteeredUNet(network, base.model, omega)
+        steered = SteeredUNet(network, base.model, omega, unet_shape)
         if info.enabled:
             steered = torch.nn.parallel.DistributedDataParallel(
                 steered, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -381,7 +383,7 @@ class _Run:
         if info.is_main:
             provenance = self._provenance(args, data_label, len(pairs), size, identity, step, info)
             save_adapter(out, network, omega=omega, hint_meaning=args.hint_meaning, provenance=provenance,
-                         condition=self.condition.to_dict() if self.condition else None)
+                         condition=self.condition.to_dict() if self.condition else None, unet=base.unet_shape)
             rows = read_loss_log(self.run_dir / "loss.csv")
             draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], self.run_dir / "loss.png",
                             title=f"BPS training loss: {out.name}")

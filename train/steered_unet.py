@@ -13,36 +13,38 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from ..bps.network import BPSNetwork
-from ..bps.ports import PORTS
-from ..bps.schedule import OmegaSpec, make_schedule
+from ..bps.ports import SD15_PORTS, PortMap
+from ..bps.schedule import OmegaSchedule, OmegaSpec, make_schedule
+from ..bps.unet_shape import UNetShape
 from ..nodes import steering
 
 
-def training_omega(preset: str) -> list[float]:
-    """Port weights used in training and stored in the adapter.
+def training_omega(preset: str, ports: PortMap = SD15_PORTS) -> list[float]:
+    """Port weights used in training and stored in the adapter, for a UNet with ``ports``.
 
     Encoder and middle ports take the preset's weights (fixed, as in the official code); decoder
     ports weigh 1 as in the official recipe, or 0 where the preset switches the decoder off
     (integration modes without D).
     """
-    base = OmegaSpec(preset=preset).base_weights([p.default_omega for p in PORTS])
-    return [float(w) if p.group != "decoder" else (1.0 if w != 0 else 0.0) for p, w in zip(PORTS, base)]
+    base = OmegaSpec(preset=preset).base_weights(ports.default_omega, ports)
+    return [float(w) if p.group != "decoder" else (1.0 if w != 0 else 0.0) for p, w in zip(ports, base)]
 
 
-def training_schedule(omega: Sequence[float]):
+def training_schedule(omega: Sequence[float], ports: PortMap = SD15_PORTS) -> OmegaSchedule:
     """Constant weights ``omega`` at every timestep (no strength, start/end or curve)."""
-    return make_schedule(list(omega), None)
+    return make_schedule(list(omega), None, ports=ports)
 
 
 class SteeredUNet(nn.Module):
     """eps = UNet(x_t, t, context) steered by B_phi(hint, t); only ``network`` is trainable."""
 
-    def __init__(self, network: BPSNetwork, model: Any, omega: Sequence[float]):
+    def __init__(self, network: BPSNetwork, model: Any, omega: Sequence[float], unet_shape: UNetShape | None = None):
         super().__init__()
         self.network = network
         self.omega = [float(w) for w in omega]
         # A tuple keeps ComfyUI's objects out of the module tree (DDP must not see the UNet).
-        self._runner = (steering.SteeredForward(model, network, self.omega),)
+        self._runner = (steering.SteeredForward(model, network, self.omega,
+                                                unet_shape or steering.model_unet_shape(model)),)
 
     @property
     def steered_model(self) -> Any:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..bps.network import BPSNetwork
-from ..nodes.steering import BPSAttachment, attach
+from ..bps.ports import port_map
+from ..nodes.steering import BPSAttachment, attach, model_unet_shape
 from .steered_unet import training_schedule
 
 
@@ -45,7 +46,8 @@ def render_samples(model: Any, vae: Any, network: BPSNetwork, omega: Sequence[fl
                 hint = hints[i:i + 1]
                 # attach() is what attach_bps (the BPSApply node) runs; manage_network=False keeps
                 # ComfyUI's model manager from moving or holding on to the network being trained.
-                attachment = BPSAttachment(network, training_schedule(omega))
+                shape = model_unet_shape(model)
+                attachment = BPSAttachment(network, training_schedule(omega, port_map(shape)), unet_shape=shape)
                 attachment.set_hint(hint)
                 patched = attach(model, attachment, manage_network=False)
                 down = network.config.downscale  # 1 for a map at latent resolution

@@ -1,0 +1,68 @@
+"""B_phi as a ComfyUI-managed model: its ModelPatcher, dtype copies, and the process-wide residual cache.
+
+The adapter network is an additional model of every steered clone, so ComfyUI loads it to the
+GPU with the UNet, offloads it with it, and counts it in its memory estimates.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+
+from ..bps.network import BPSNetwork
+from ..bps.residual_cache import ResidualCache, budget_from_env
+
+#: network -> weak reference to its ModelPatcher. Values are weak so that the registry never keeps
+#: a network alive: the patcher lives as long as some steered model lists it as additional model.
+_ADAPTER_PATCHERS: "weakref.WeakKeyDictionary[BPSNetwork, weakref.ref]" = weakref.WeakKeyDictionary()
+#: network -> {dtype: weak reference to a cast copy}, for UNets computing in another dtype.
+_CAST_COPIES: "weakref.WeakKeyDictionary[BPSNetwork, dict]" = weakref.WeakKeyDictionary()
+
+
+def adapter_model_patcher(network: BPSNetwork) -> comfy.model_patcher.ModelPatcher:
+    """The ComfyUI-managed ModelPatcher of an adapter network (one per network, shared by all applies)."""
+    ref = _ADAPTER_PATCHERS.get(network)
+    patcher = ref() if ref is not None else None
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(network, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        _ADAPTER_PATCHERS[network] = weakref.ref(patcher)
+    return patcher
+
+
+def unet_compute_dtype(model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
+    """The dtype the MODEL's UNet computes in (its manual-cast dtype if any, else its weight dtype)."""
+    return model.get_model_object("manual_cast_dtype") or model.model.get_dtype()
+
+
+def network_in_dtype(network: BPSNetwork, dtype: torch.dtype) -> BPSNetwork:
+    """``network`` itself if it computes in ``dtype``, else a cached cast copy (same device, no gradients)."""
+    if network.dtype == dtype:
+        return network
+    copies = _CAST_COPIES.setdefault(network, {})
+    ref = copies.get(dtype)
+    copy = ref() if ref is not None else None
+    if copy is None:
+        with torch.device("meta"):
+            copy = BPSNetwork(network.config)
+        copy.load_state_dict({k: v.to(dtype) for k, v in network.state_dict().items()}, assign=True)
+        copy.eval().requires_grad_(False)
+        copies[dtype] = weakref.ref(copy)
+    return copy
+
+_RESIDUAL_CACHE: ResidualCache | None = None
+
+
+def residual_cache() -> ResidualCache:
+    """The process-wide residual cache of the nodes (made on first use; budget from
+    ``BPS_RESIDUAL_CACHE_MB``, default 1024 MiB, 0 disables). Entries live on ComfyUI's offload
+    device, so between runs they hold no GPU memory."""
+    global _RESIDUAL_CACHE
+    if _RESIDUAL_CACHE is None:
+        _RESIDUAL_CACHE = ResidualCache(budget_from_env(), storage_device=comfy.model_management.unet_offload_device())
+    return _RESIDUAL_CACHE
+
