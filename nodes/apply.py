@@ -8,7 +8,8 @@ from comfy_api.latest import io
 
 from ..bps.errors import HintError
 from ..bps.schedule import make_schedule
-from .sockets import CATEGORY, BPSAdapterType, BPSOmegaType
+from .comfy_compat import search_aliases
+from .sockets import CATEGORY, SEARCH_ALIASES, BPSAdapterType, BPSOmegaType
 from .steering import attach_bps
 
 
@@ -28,6 +29,7 @@ class BPSApply(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="BPSApply",
+            **search_aliases(SEARCH_ALIASES),
             display_name="Apply BPS",
             category=CATEGORY,
             description="Steer an SD1.5 model with a BPS adapter: the adapter turns the condition image and "

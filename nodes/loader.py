@@ -12,7 +12,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from .adapter_cache import ADAPTERS, file_identity
-from .sockets import CATEGORY, BPSAdapterType
+from .comfy_compat import search_aliases
+from .sockets import CATEGORY, SEARCH_ALIASES, BPSAdapterType
 
 #: Model folder name: ``ComfyUI/models/bps`` and ``bps:`` entries of extra_model_paths.yaml.
 FOLDER = "bps"
@@ -48,6 +49,7 @@ class BPSLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="BPSLoader",
+            **search_aliases(SEARCH_ALIASES),
             display_name="Load BPS Adapter",
             category=CATEGORY,
             description="Load a Bayesian Power Steering adapter (.safetensors) from models/bps. Adapters "

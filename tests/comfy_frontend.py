@@ -18,8 +18,12 @@ from typing import Any
 
 #: Patience for any one step of the frontend (page load, dialog, template card, graph).
 UI_TIMEOUT_MS = 180_000
-#: The dialog "Browse Templates" opens (and that a first-time user sees on the first visit).
-TEMPLATE_DIALOG = ".workflow-template-selector-dialog"
+#: The dialog "Browse Templates" opens (and that a first-time user sees on the first visit): a
+#: PrimeVue dialog with its own class up to the frontend of ComfyUI 0.8, a Reka dialog labelled by
+#: its "global-workflow-template-selector" header in the frontend 1.49 of ComfyUI 0.33. Its template
+#: cards are ``[data-testid='template-workflow-<name>']`` in both.
+TEMPLATE_DIALOG = (":is(.workflow-template-selector-dialog, "
+                   "[role='dialog'][aria-labelledby='global-workflow-template-selector'])")
 
 
 def chromium_executable() -> str | None:
@@ -182,12 +186,13 @@ class Frontend:
 
     def load_template(self, name: str, node_ids: list[int], timeout_ms: int = 180_000) -> None:
         """Click a template's card (the frontend fetches its JSON and calls ``app.loadGraphData``)
-        and wait until the graph holds exactly the nodes ``node_ids``."""
+        and wait until the graph holds exactly the nodes ``node_ids`` (compared as numbers: frontend 1.49
+        keeps node ids as strings)."""
         dialog = self.page.locator(TEMPLATE_DIALOG)
         dialog.locator(f"[data-testid='template-workflow-{name}']").click()
         dialog.wait_for(state="hidden", timeout=timeout_ms)
         self.page.wait_for_function(
-            "(ids) => JSON.stringify(app.graph._nodes.map(n => n.id).sort((a, b) => a - b)) === JSON.stringify(ids)",
+            "(ids) => JSON.stringify(app.graph._nodes.map(n => Number(n.id)).sort((a, b) => a - b)) === JSON.stringify(ids)",
             arg=sorted(node_ids), timeout=timeout_ms)
 
     def screenshot(self, path: str | os.PathLike) -> None:
@@ -196,11 +201,12 @@ class Frontend:
 
     # ------------------------------------------------------------------------- the graph
     def graph_nodes(self) -> list[dict]:
-        """Every node of the loaded graph: id, type, title, whether its type is registered, whether
-        the frontend flagged it, and its bounding box (title bar included) as the frontend sized it."""
+        """Every node of the loaded graph: id (a number; frontend 1.49 keeps node ids as strings), type,
+        title, whether its type is registered, whether the frontend flagged it, and its bounding box
+        (title bar included) as the frontend sized it."""
         return self.evaluate("""() => app.graph._nodes.map(n => {
             const b = n.getBounding();
-            return {id: n.id, type: n.type, title: n.title, registered: !!LiteGraph.registered_node_types[n.type],
+            return {id: Number(n.id), type: n.type, title: n.title, registered: !!LiteGraph.registered_node_types[n.type],
                     has_errors: !!n.has_errors, x: b[0], y: b[1], width: b[2], height: b[3]};
         })""")
 

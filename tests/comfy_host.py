@@ -1,8 +1,12 @@
 """The real ComfyUI for integration tests: booted from $COMFYUI_PATH, never faked.
 
-Tests that need it take the ``comfy`` fixture (tests/conftest.py) and are skipped, with the reason
-shown, when COMFYUI_PATH is unset. ComfyUI is booted exactly as the trainer boots it
+Tests that need it take the ``comfyui_host`` fixture (tests/conftest.py) and are skipped, with the
+reason shown, when COMFYUI_PATH is unset. ComfyUI is booted exactly as the trainer boots it
 (train/train_bps.py), and the pack is loaded through ComfyUI's own custom-node loader.
+
+The suite runs on ComfyUI 0.8.0 and 0.33.0 (.ci/run). What the tests must do differently between
+the two lives here (in-process ComfyUI), in comfy_server.py (its HTTP API) and in comfy_frontend.py
+(its frontend); the pack's own differences live in nodes/comfy_compat.py.
 """
 
 from __future__ import annotations
@@ -56,6 +60,17 @@ def load_pack():
 def pack_module(pack, dotted: str):
     """Submodule ``dotted`` (e.g. "nodes.steering") of the loaded pack."""
     return importlib.import_module(f"{pack.__name__}.{dotted}")
+
+
+def prompt_executor(server):
+    """ComfyUI's ``execution.PromptExecutor`` reporting to ``server``, with the classic node cache
+    (outputs dropped as soon as no node needs them) and the cache arguments ``main.py`` passes.
+
+    0.33 reads ``ram_inactive`` (the RAM headroom kept while idle) unconditionally; 0.8 ignores it.
+    """
+    import execution
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                    cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
 
 
 def random_sd15_model(seed: int = 0):

@@ -335,7 +335,8 @@ class ComfyServer:
     # ------------------------------------------------------------------------- prompts
     def queue(self, prompt: dict) -> str:
         """Queue an API-format prompt; return its id. Refused prompts raise PromptFailed."""
-        prompt_id = uuid.uuid4().hex
+        # Canonical hyphenated lowercase: ComfyUI 0.33 refuses any other prompt_id (0.8 took any string).
+        prompt_id = str(uuid.uuid4())
         self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
         return prompt_id
 

@@ -178,3 +178,22 @@ def test_bps_loader_reexecutes_for_free_and_fingerprints_the_file(pack, tmp_path
     assert loader.execute("tiny_fp.safetensors").args[0] is not first
     assert loader.fingerprint_inputs(adapter_name="gone.safetensors") == "gone.safetensors"
     cache_mod.ADAPTERS.clear()
+
+
+def test_search_finds_the_adapter_nodes_by_their_aliases_where_the_api_has_them(pack):
+    """ComfyUI 0.33's V3 Schema takes search_aliases (the node search matches them); 0.8.0's
+    refuses the keyword, so there the nodes register without them."""
+    import dataclasses
+
+    from comfy_api.latest import io
+    has_aliases = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
+    assert import_module(f"{pack.__name__}.nodes.comfy_compat").SCHEMA_HAS_SEARCH_ALIASES == has_aliases
+    for node_id in ("BPSApply", "BPSLoader"):
+        info = _node(node_id).GET_NODE_INFO_V1()  # what /object_info serves the frontend
+        if has_aliases:
+            assert info["search_aliases"] == ["sketch control", "t2i adapter", "controlnet alternative",
+                                              "power steering"], info
+        else:
+            assert "search_aliases" not in info
+    for node_id in ("BPSOmegaSchedule", "BPSOmegaPreview", "BPSHintPreprocessor"):
+        assert not _node(node_id).GET_NODE_INFO_V1().get("search_aliases")

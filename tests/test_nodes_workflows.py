@@ -103,7 +103,7 @@ def run_workflow(pack, sd15_ckpt, full_adapter, tmp_path):
     input_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sketch).save(input_dir / "bps_test_sketch.png")
     folder_paths.set_output_directory(str(tmp_path / "out"))
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"ram": 0.0})
+    executor = comfy_host.prompt_executor(_Server())
 
     def run(name: str, edit=lambda prompt: None) -> dict:
         prompt = ui_to_api(json.loads(next(p for p in WORKFLOWS if p.name == name).read_text()))
