@@ -16,7 +16,8 @@ LUMA = (0.299, 0.587, 0.114)
 def prepare_hint_channels(hint: Tensor, channels: int, extra_channels: int = 0) -> Tensor:
     """Match a ``(B, C, H, W)`` image in [0, 1] to the adapter's channel layout.
 
-    RGB becomes one channel by luminance for 1-channel adapters; one channel is repeated for
+    RGB becomes one channel by luminance for 1-channel adapters (grey RGB, three equal channels, by
+    taking one of them: the same value, bit for bit); one channel is repeated for
     3-channel adapters; an alpha channel is dropped. An image that already has
     ``channels + extra_channels`` channels (a style adapter's RGB plus extra map, packed) is kept.
 
@@ -35,6 +36,10 @@ def prepare_hint_channels(hint: Tensor, channels: int, extra_channels: int = 0) 
     if c == 4:
         hint, c = hint[:, :3], 3
     if c == 3 and channels == 1:
+        if torch.equal(hint[:, 0], hint[:, 1]) and torch.equal(hint[:, 0], hint[:, 2]):
+            # Grey shown as RGB (BPS Condition from Image, any grey picture) is its own luminance: the
+            # channel itself is exactly what the trainer fed B_phi; the weighted sum can be 1 ulp off.
+            return hint[:, :1]
         weights = torch.tensor(LUMA, dtype=hint.dtype, device=hint.device).view(1, 3, 1, 1)
         return (hint * weights).sum(dim=1, keepdim=True)
     if c == 1 and channels == 3:

@@ -91,6 +91,16 @@ def test_auto_takes_the_adapters_stored_preprocessor_then_its_meaning(pack, cmap
         assert torch.equal(got, _run(photo, kind)), (meaning, kind)
 
 
+def test_apply_bps_reads_grey_rgb_as_its_exact_grey_and_colour_by_luminance(pack):
+    hint_fit = comfy_host.pack_module(pack, "nodes.hint_fit")
+    levels = torch.arange(256, dtype=torch.uint8).float().div(255.0).view(1, 1, 16, 16)
+    grey = hint_fit.prepare_hint_channels(levels.expand(1, 3, 16, 16), 1, 0)
+    assert torch.equal(grey, levels)  # every 8-bit level exactly (a weighted sum misses 65 by 1 ulp)
+    colour = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    luma = (colour * torch.tensor(hint_fit.LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    assert torch.equal(hint_fit.prepare_hint_channels(colour, 1, 0), luma)
+
+
 def test_bad_choices_are_refused_with_the_fix(pack):
     photo = _photo()
     ConditionError = pack.bps.errors.ConditionError
@@ -191,5 +201,8 @@ def test_the_node_given_the_adapter_makes_bit_for_bit_the_condition_the_trainer_
     assert out.shape == (1, 64, 64, 3)
     for channel in range(3):
         assert torch.equal(out[0, :, :, channel], fed_to_b_phi[0]), channel
+    # Apply BPS reads the grey RGB back as the one channel B_phi was trained on, bit for bit
+    hint_fit = comfy_host.pack_module(pack, "nodes.hint_fit")
+    assert torch.equal(hint_fit.prepare_hint_channels(out.movedim(-1, 1), 1, 0)[0], fed_to_b_phi)
     # and the default sketch, not the adapter's softness=0.03, would differ: auto really used the stored one
     assert not torch.equal(_run(image, "sketch")[0, :, :, 0], fed_to_b_phi[0])
