@@ -19,11 +19,15 @@ from comfy_api.latest import io, ui
 from ..bps.condition_maps import (ALGORITHM_VERSION, KINDS, PREPROCESSORS, ConditionSpec, condition_image,
                                   parameter_help, parse_overrides)
 from ..bps.errors import ConditionError
+from .comfy_compat import search_aliases
 from .sockets import CATEGORY, BPSAdapterType
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+#: What people type into the node search when they want a condition from a photo.
+SEARCH_ALIASES = ("canny", "line art", "lineart", "sketch preprocessor", "edge detection", "photo to sketch",
+                  "color quantize")
 #: Hint meanings (of adapters that store no preprocessor) that name one of ours.
 _MEANING_KINDS = {"sketch": "sketch", "edges": "edges", "canny": "edges", "layout": "layout"}
 
@@ -127,6 +131,7 @@ class BPSConditionFromImage(io.ComfyNode):
             node_id="BPSConditionFromImage",
             display_name="BPS Condition from Image",
             category=CATEGORY,
+            **search_aliases(SEARCH_ALIASES),
             description="Turn a photo or render into a BPS condition with the trainer's own preprocessors: sketch "
                         "(light strokes on black), edges (Canny), layout (flat colour regions), gray or rgb. With "
                         "an adapter trained from images (train_bps.py --condition) and 'auto', it makes exactly "

@@ -74,6 +74,13 @@ def test_each_preprocessor_runs_per_image_and_returns_a_previewable_image(pack, 
     assert result.ui is not None and result.ui.as_dict()["images"], "the condition is previewed on the node"
 
 
+def test_search_finds_the_node_by_what_people_call_it_where_the_api_has_them(pack):
+    info = _node("BPSConditionFromImage").GET_NODE_INFO_V1()
+    has_aliases = comfy_host.pack_module(pack, "nodes.comfy_compat").SCHEMA_HAS_SEARCH_ALIASES
+    assert ("canny" in info.get("search_aliases", [])) == has_aliases
+    assert info["category"] == "conditioning/bps" and info["display_name"] == "BPS Condition from Image"
+
+
 def test_auto_takes_the_adapters_stored_preprocessor_then_its_meaning(pack, cmaps):
     photo = _photo()
     spec = cmaps.ConditionSpec.make("edges", {"low": 20, "high": 60})
