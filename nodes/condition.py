@@ -52,6 +52,10 @@ def adapter_condition(adapter) -> tuple[ConditionSpec, str]:
                              f"({adapter.hint_meaning}); its condition is not made from one image. Use BPS Hint "
                              f"Preprocessor (with extra_map) for it instead")
     stored = adapter.condition
+    if stored is None and adapter.metadata.get("condition") is not None:
+        raise ConditionError(f"the BPS adapter{_adapter_name(adapter)} stores a garbled preprocessor "
+                             f"({str(adapter.metadata['condition'])[:60]!r}); choose one in 'preprocessor' "
+                             f"instead of auto")
     if stored is not None:
         try:
             spec = ConditionSpec.from_dict(stored)

@@ -17,7 +17,6 @@ import types
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
 
@@ -121,6 +120,8 @@ def test_bad_choices_are_refused_with_the_fix(pack):
         _run(photo, "sketch", "size=3")
     with pytest.raises(ConditionError, match="cannot run"):
         _run(photo, "auto", "", _adapter(pack, condition={"kind": "pidinet", "params": {}, "version": 1}))
+    with pytest.raises(ConditionError, match="garbled preprocessor"):
+        _run(photo, "auto", "", _adapter(pack, condition="sketch, I think"))
 
 
 # ---------------------------------------------------------------- training from images alone
