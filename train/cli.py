@@ -70,7 +70,7 @@ examples:
   torchrun --nproc_per_node 4 train/train_bps.py --ckpt sd15.safetensors --data data/ --out a.safetensors
   python train/train_bps.py --ckpt sd15.safetensors --data data/ --out a.safetensors --resume
   python train/train_bps.py --ckpt sd15.safetensors --data photos/ --out photo_sketch.safetensors --condition sketch
-  python train/train_bps.py --ckpt sd15.safetensors --data photos/ --out edges.safetensors --condition edges \
+  python train/train_bps.py --ckpt sd15.safetensors --data photos/ --out edges.safetensors --condition edges \\
       --condition-param low=60 --condition-param high=120
 """
 
