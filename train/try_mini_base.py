@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate this adapter (trained on the mini base) instead of training one. Default: train.")
     p.add_argument("--conditions", type=int, default=50, help="held-out sketches. Default: 50.")
     p.add_argument("--sample-seeds", type=int, default=2, help="samples per sketch and variant. Default: 2.")
+    p.add_argument("--base", default=None, metavar="FILE",
+                   help="use this mini base file (train/mini_base/build.py) instead of the cached default one. "
+                        "Default: build or reuse the default recipe's.")
     p.add_argument("--base-cache", default=None, metavar="DIR",
                    help="where the mini base is cached. Default: $BPS_MINI_BASE_CACHE or ~/.cache/comfyui-bps.")
     p.add_argument("--threads", type=int, default=None,
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     times = {}
 
     t0 = time.perf_counter()
-    base_path = build.ensure_mini_base(cache_dir=args.base_cache)
+    base_path = Path(args.base) if args.base else build.ensure_mini_base(cache_dir=args.base_cache)
     times["mini base"] = time.perf_counter() - t0
 
     if args.adapter:
