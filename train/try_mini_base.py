@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = importlib.import_module(f"{pack.__name__}.train.mini_base.shapes")
     model_file = importlib.import_module(f"{pack.__name__}.train.mini_base.model_file")
     evaluate = importlib.import_module(f"{pack.__name__}.train.mini_base.evaluate")
+    bps = importlib.import_module(f"{pack.__name__}.bps")
     log = logging.getLogger("bps.mini_base")
     out = Path(args.out)
     times = {}
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model, _ = model_file.load_mini_base(base_path)
-    adapter = pack.bps.load_adapter(adapter_path)
+    adapter = bps.load_adapter(adapter_path)
     result = evaluate.evaluate(model, adapter, seed=args.seed, conditions=args.conditions,
                                sample_seeds=args.sample_seeds)
     paths = evaluate.write_results(result, out / f"eval_seed{args.seed}")

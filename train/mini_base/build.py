@@ -47,7 +47,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "radius_range": list(shapes.RADIUS_RANGE),
     "kinds": list(shapes.KINDS),
     "seed": 0,
-    "steps": 600,
+    "steps": 500,
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_steps": 50,
@@ -101,6 +101,7 @@ def train_mini_base(recipe: dict[str, Any] | None = None, *, progress: bool = Tr
     ema = copy.deepcopy(unet).requires_grad_(False)
     unet.train()
     ms = model.get_model_object("model_sampling")
+    options = model.model_options["transformer_options"]  # the attention override (model_file.py)
     scale = float(model.model.latent_format.scale_factor)
     vae = StandInVAE()
     context = StandInTextEncoder(recipe["unet_config"]["context_dim"]).encode("")
@@ -119,7 +120,8 @@ def train_mini_base(recipe: dict[str, Any] | None = None, *, progress: bool = Tr
                 group["lr"] = lr_at(step, recipe)
             x0 = vae.encode(shape_batch(rng, batch, recipe["image_size"])) * scale
             noised = noise_latents(x0, ms, generator)
-            eps = unet(noised.unet_input, noised.timestep, context=context.expand(batch, -1, -1))
+            eps = unet(noised.unet_input, noised.timestep, context=context.expand(batch, -1, -1),
+                       transformer_options=options)
             loss = F.mse_loss(eps, noised.noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
