@@ -143,7 +143,7 @@ def load_mini_base_models(path: Path) -> BaseModels | None:
 
 def load_base_models(ckpt: str | Path, *, unet_dtype: torch.dtype, need_clip: bool = True,
                      need_vae: bool = True) -> BaseModels:
-    """Load an SD1.5 checkpoint through ComfyUI and freeze it.
+    """Load an SD1.5 checkpoint through ComfyUI (or a mini base file, ``train/mini_base``) and freeze it.
 
     Raises:
         BaseModelError: missing file, undetectable model type, or not SD1.5.

@@ -141,7 +141,7 @@ def evaluate(model: Any, adapter: Any, *, seed: int = 0, conditions: int = 50, s
     """
     from ...bps.schedule import make_schedule
     from ...nodes.steering import attach_bps
-    from ..condition_gap import GapPlan, measure_condition_gap
+    from ..condition_gap import GapPlan, comfy_forwards, measure_condition_gap
 
     size = shapes.SIZE
     held = HeldOut.draw(seed, conditions, size, float(model.model.latent_format.scale_factor))
@@ -170,7 +170,7 @@ def evaluate(model: Any, adapter: Any, *, seed: int = 0, conditions: int = 50, s
                 "steered": score("steered", held.regions),
                 "swapped_given": score("swapped", [held.regions[swap[i]] for i in range(conditions)]),
                 "swapped_own": score("swapped", held.regions)}
-    steered, base = eps_forwards(model, adapter)
+    steered, base = comfy_forwards(model, adapter.network, list(adapter.omega))
     from tqdm import tqdm
     with tqdm(total=3 * conditions * len(plan.timesteps), desc="eps-MSE own/swapped/base", unit="item") as bar:
         gap = measure_condition_gap(steered, base, held.latents, held.sketches, context,
@@ -178,27 +178,6 @@ def evaluate(model: Any, adapter: Any, *, seed: int = 0, conditions: int = 50, s
                                     progress=bar.update)
     stacked["sketches"] = held.sketches.numpy()
     return Evaluation(seed, seeds, conditions, fidelity, gap, stacked)
-
-
-def eps_forwards(model: Any, adapter: Any):
-    """``(steered, base)`` eps functions for ``train.condition_gap``: the trainer's steered forward
-    (``nodes.steering.SteeredForward``, Apply BPS's attach code) built for the UNet shape the
-    adapter records (the mini base's 64-wide context, which the network's widths alone cannot tell),
-    and the base UNet alone as the sampler runs it."""
-    import comfy.model_management
-
-    from ...nodes import steering
-
-    runner = steering.SteeredForward(model, adapter.network, list(adapter.omega), adapter.unet_shape)
-
-    def steered(hint, x, timestep, context):
-        return runner(hint, x, timestep, context)
-
-    def base(x, timestep, context):
-        comfy.model_management.load_models_gpu([model])
-        return steering.steered_unet_forward(model, x, timestep, context)
-
-    return steered, base
 
 
 def draw_grid(evaluation: Evaluation, rows: int = 6, seeds: int = 3) -> np.ndarray:
