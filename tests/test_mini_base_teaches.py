@@ -2,16 +2,15 @@
 
 A small mini base is trained from scratch (seeded), 40 sketch -> shape pairs are written, the real
 trainer command line (``train/train_bps.py --ckpt <mini base> ...``, in process) trains an adapter,
-and then:
+and the eps-MSE on the 40 training pairs at fixed timesteps and noise (``train.condition_gap``) must
+show that each pair's own sketch beats a swapped one by a clear margin, and beats the base alone.
 
-* eps-MSE on the 40 training pairs at fixed timesteps and noise (``train.condition_gap``): each
-  pair's own sketch must beat a swapped one by a clear margin;
-* samples from ComfyUI's KSampler code on the training sketches: steered by Apply BPS's code, the
-  generated shapes must overlap the sketch's region more than the base alone's.
-
-If the trainer stops passing the condition to B_phi (a zeroed hint, a hint from another pair),
-the adapter can only learn what every pair shares, the gap vanishes and so does the IoU gain.
-Sized for about 3 minutes on 2 CPU cores.
+If the trainer stops passing the condition to B_phi (a zeroed hint, a hint from another pair), the
+adapter can only learn what every pair shares and the gap vanishes. Samples are not scored here:
+this small base draws blobs more than shapes, and neither IoU nor brightness inside the sketch's
+region separated a trained adapter from one trained with the hint zeroed (README, "Try it").
+About 3 minutes of a free 2-core machine is the aim; measured under heavy sharing: 5.8 minutes with
+the small base cached, plus about 8 for building it.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import importlib
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,10 +27,9 @@ import comfy_host
 BASE_STEPS = 150
 TRAIN = ["--resolution", "128", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--omega", "uniform",
          "--steps", "200", "--num-workers", "0", "--save-every", "0", "--seed", "0", "--no-progress"]
-#: Margins, about a third of what this run measured (see the test's asserts).
+#: Margin: about a third of the gap this run measured (swapped 0.0471 - own 0.0331 = 0.014); with the
+#: hint zeroed inside the trainer the same run measured 0.0003 (own 0.0439, swapped 0.0442, base 0.0360).
 MIN_GAP = 0.005
-MIN_IOU_GAIN = 0.0
-MIN_CONTRAST_GAIN = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +48,7 @@ def taught(comfyui_host, tmp_path_factory):
     assert entry.main(["--ckpt", str(base_path), "--data", str(pairs), "--out", str(out), *TRAIN]) == 0
     model, _ = mod("train.mini_base.model_file").load_mini_base(base_path)
     adapter = mod("bps").load_adapter(out)
-    yield {"model": model, "adapter": adapter, "pairs": pairs, "mod": mod}
+    yield {"model": model, "adapter": adapter, "mod": mod}
     comfy_host.release_memory()
 
 
@@ -73,25 +70,3 @@ def test_own_sketch_beats_a_swapped_one_on_the_training_pairs(taught):
     assert o.swapped.mean - o.own.mean > MIN_GAP, gap.table()
     assert gap.uses_condition and o.own_better >= 0.9, gap.table()
     assert o.own.mean < o.base.mean, gap.table()
-
-
-def test_steered_samples_follow_the_sketches_better_than_the_base(taught):
-    mod, model, adapter = taught["mod"], taught["model"], taught["adapter"]
-    evaluate, shapes, stand_ins = mod("train.mini_base.evaluate"), mod("train.mini_base.shapes"), \
-        mod("train.mini_base.stand_ins")
-    fidelity = mod("train.mini_base.fidelity")
-    schedule = mod("bps").make_schedule(list(adapter.omega), ports=adapter.ports)
-    attach_bps = mod("nodes.steering").attach_bps
-    layouts = shapes.random_layouts(evaluate.TRAIN_LAYOUT_SEED, 40)
-    sketches = torch.stack([torch.from_numpy(shapes.render_sketch(l)).float()[None] / 255 for l in layouts])
-    regions = [shapes.region_mask(l) for l in layouts]
-    context = stand_ins.StandInTextEncoder(model.model.model_config.unet_config["context_dim"]).encode("")
-    scores, contrast = {}, {}
-    for name, m in (("base", model), ("steered", attach_bps(model, adapter, sketches, schedule, cache=None))):
-        pictures = evaluate.sample_pictures(m, 0, len(layouts), 16, context, steps=10)
-        scores[name] = fidelity.Fidelity.of([shapes.shape_mask(p) for p in pictures], regions)
-        contrast[name] = float(np.mean([fidelity.region_contrast(p, r) for p, r in zip(pictures, regions)]))
-    print(f"\ntraining sketches: IoU base {scores['base'].iou:.3f}, steered {scores['steered'].iou:.3f}; "
-          f"region contrast base {contrast['base']:.3f}, steered {contrast['steered']:.3f}")
-    assert contrast["steered"] - contrast["base"] > MIN_CONTRAST_GAIN, (contrast, scores)
-    assert scores["steered"].iou - scores["base"].iou > MIN_IOU_GAIN, (contrast, scores)

@@ -32,14 +32,6 @@ def centroid_error(generated: np.ndarray, region: np.ndarray) -> float | None:
     return float(np.hypot(a[0] - b[0], a[1] - b[1]) / generated.shape[0])
 
 
-def region_contrast(picture: np.ndarray, region: np.ndarray) -> float:
-    """How much brighter a picture is inside the region than outside it: mean brightest channel
-    (RGB in [0, 1]) inside minus outside. About 0.8 for the target itself, about 0 for a picture
-    that ignores where the region is. Unlike IoU it also scores blobs that are not yet clean shapes."""
-    bright = picture.astype(np.float32).max(axis=-1)
-    return float(bright[region].mean() - bright[~region].mean())
-
-
 @dataclass(frozen=True)
 class Fidelity:
     """Mean IoU and centroid error of a set of samples against their regions.
