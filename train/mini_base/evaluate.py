@@ -10,8 +10,7 @@ For held-out conditions (layouts drawn from a seed the training pairs never used
 * scores the samples' shapes against the regions (``fidelity.py``): IoU and centroid error, beside
   the ceiling (each target through the stand-in VAE and back);
 * measures the eps-MSE of base, own sketch and swapped sketch on the same pairs at fixed timesteps
-  and noise (``train.condition_gap``, the measurement ``evaluate_bps.py`` and the trainer's
-  validation use);
+  and noise (``train.condition_gap``, with the steered forward the trainer runs);
 * draws a grid (condition | base alone | steered, several seeds) and writes the tables.
 """
 
