@@ -118,9 +118,32 @@ def _check_sd15(model: Any, path: Path) -> None:
                              f"(or a fine-tune of it) with --ckpt.")
 
 
+def load_mini_base_models(path: Path) -> BaseModels | None:
+    """The mini base (``train/mini_base``) with its weight-free VAE and text encoder, if ``path`` is
+    one; None for any other file.
+
+    ComfyUI's checkpoint loader cannot detect the mini base's small SD1.5 UNet, and the file holds
+    no VAE or CLIP: the stand-ins take their place. It stays in float32 whatever --mixed-precision
+    says (8.6M weights; its 16x16 latents would gain nothing from 16 bits).
+    """
+    from .mini_base.model_file import MiniBaseFileError, load_mini_base, read_recipe
+    from .mini_base.stand_ins import StandInTextEncoder, StandInVAE
+
+    try:
+        if read_recipe(path) is None:
+            return None
+        model, recipe = load_mini_base(path)
+    except MiniBaseFileError as e:
+        raise BaseModelError(str(e)) from e
+    log.info("loaded the mini base %s (recipe %s): a small SD1.5 UNet with the stand-in VAE and text encoder",
+             path.name, recipe.get("recipe_hash", "?"))
+    return BaseModels(model=model, clip=StandInTextEncoder(recipe["unet_config"]["context_dim"]),
+                      vae=StandInVAE(), path=path)
+
+
 def load_base_models(ckpt: str | Path, *, unet_dtype: torch.dtype, need_clip: bool = True,
                      need_vae: bool = True) -> BaseModels:
-    """Load an SD1.5 checkpoint through ComfyUI and freeze it.
+    """Load an SD1.5 checkpoint through ComfyUI (or a mini base file, ``train/mini_base``) and freeze it.
 
     Raises:
         BaseModelError: missing file, undetectable model type, or not SD1.5.
@@ -131,6 +154,9 @@ def load_base_models(ckpt: str | Path, *, unet_dtype: torch.dtype, need_clip: bo
     if not path.is_file():
         raise BaseModelError(f"checkpoint {path} does not exist; pass the SD1.5 .safetensors/.ckpt file with "
                              f"--ckpt (e.g. ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors)")
+    mini = load_mini_base_models(path)
+    if mini is not None:
+        return mini
     embeddings = None
     try:
         import folder_paths
