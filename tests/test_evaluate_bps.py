@@ -61,7 +61,7 @@ def test_cli_end_to_end_writes_gap_table_grid_and_edge_scores(ev, sd15_ckpt, ada
     out = tmp_path / "eval"
     cmd = [sys.executable, str(ROOT / "train" / "evaluate_bps.py"), "--ckpt", str(sd15_ckpt), "--adapter",
            str(adapter_file), "--data", str(data), "--out", str(out), "--per-band", "1", "--samples", "2",
-           "--seeds", "1", "--steps", "2"]
+           "--seeds", "1", "--steps", "1", "--batch-size", "12"]  # one UNet call per eps-MSE pass
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -125,7 +125,8 @@ def test_bad_input_is_refused_with_the_fix_before_the_base_is_loaded(ev, adapter
 
 def test_an_adapter_for_another_unet_is_refused_naming_both(ev, sd15, tmp_path):
     small = tmp_path / "small.safetensors"
-    ev.bps.save_adapter(small, ev.bps.BPSNetwork(ev.bps.BPSConfig(model_channels=32, time_embed_dim=128)))
+    shape = importlib.import_module(f"{ev.bps.__name__}.unet_shape").UNetShape.like_sd15(model_channels=32)
+    ev.bps.save_adapter(small, ev.bps.BPSNetwork(ev.bps.BPSConfig.for_unet(shape)), unet=shape)
     base = ev.base_model.BaseModels(model=sd15, clip=None, vae=None, path=tmp_path / "sd15.safetensors")
     with pytest.raises(ev.evaluation.EvalError, match=r"adapter small.safetensors does not fit the base "
                                                        r"sd15.safetensors: .*32"):
@@ -145,3 +146,21 @@ def test_score_kind_follows_the_adapter(ev):
     assert kind(auto, make("style2", hint_channels=24, downscale=1)) == "none"
     assert kind(auto, make("my lines")) == "edges" and kind(auto, make("my colours", hint_channels=3)) == "regions"
     assert kind(types.SimpleNamespace(score="regions"), make("sketch")) == "regions"
+
+
+def test_a_folder_without_sources_gets_the_adapters_recorded_preprocessor(ev, tmp_path):
+    """An adapter trained with --condition sketch: held-out targets alone, conditions made as in training."""
+    evaluation = ev.evaluation
+    data = _held_out(tmp_path / "data")
+    recorded = types.SimpleNamespace(condition={"kind": "sketch", "params": {}}, path="a.safetensors")
+    args = types.SimpleNamespace(data=str(data), prompt=None, skip_bad=False, max_pairs=50)
+    assert evaluation.condition_from_targets(args, recorded) is None, "source/ present: its files are the conditions"
+    import shutil
+    shutil.rmtree(data / "source")
+    spec = evaluation.condition_from_targets(args, recorded)
+    assert spec.kind == "sketch"
+    pairs = evaluation._held_out_pairs(args, evaluation.HintLayout(1), spec)
+    assert len(pairs) == 3 and all(p.source is None for p in pairs)
+    assert evaluation.condition_from_targets(args, types.SimpleNamespace(condition=None, path="b")) is None
+    with pytest.raises(evaluation.EvalError, match="preprocessor this version cannot run"):
+        evaluation.condition_from_targets(args, types.SimpleNamespace(condition={"kind": "nope"}, path="c"))

@@ -20,7 +20,9 @@ Evaluate a BPS adapter on held-out condition/image pairs: does it use its condit
    also against another pair's condition (chance level).
 
 The held-out folder uses the trainer's data layouts (see train/train_bps.py --help); the
-condition kind (1 or 3 channels, style extra map, 24-channel map) comes from the adapter.
+condition kind (1 or 3 channels, style extra map, 24-channel map) comes from the adapter. For an
+adapter trained with --condition (conditions made from the images), a folder without source/ gets
+its conditions made from its targets by the adapter's recorded preprocessor, as in training.
 Writes report.md, report.json and grid.png to --out.
 """
 

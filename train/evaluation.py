@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..bps import Adapter, AdapterError, load_adapter, make_schedule
+from ..bps.condition_maps import ConditionSpec
 from .base_model import BaseModels, checkpoint_unet_dtype, load_base_models, unet_weight_dtype
 from .cache import CacheConfig, TrainingCache, checkpoint_identity, hint_values, prepare_pair, sample_keys
 from .comparison_grid import save_comparison_grid
@@ -82,14 +83,27 @@ def hint_layout_of_adapter(adapter: Adapter) -> HintLayout:
                         f"{cfg.extra_channels} extra) is not one the trainer's data layouts hold: {e}") from e
 
 
-def _held_out_pairs(args, hint: HintLayout) -> list[Pair]:
+def condition_from_targets(args, adapter: Adapter) -> ConditionSpec | None:
+    """The adapter's recorded preprocessor when the held-out folder has no ``source/`` (the trainer's
+    --condition: conditions made from the target images, as training made them); else None."""
+    if adapter.condition is None or (Path(args.data) / "source").is_dir():
+        return None
+    try:
+        return ConditionSpec.from_dict(adapter.condition)
+    except ValueError as e:
+        raise EvalError(f"adapter {adapter.path} records a condition preprocessor this version cannot run "
+                        f"({e}); give the held-out folder a source/ with the condition images") from e
+
+
+def _held_out_pairs(args, hint: HintLayout, condition: ConditionSpec | None) -> list[Pair]:
     data = Path(args.data)
     if not data.is_dir():
         raise EvalError(f"held-out folder {data} does not exist; pass --data DIR with source/ and target/ "
                         f"(the trainer's layouts, see train/train_bps.py --help), holding pairs the adapter "
                         f"never saw in training")
     try:
-        pairs, skipped = load_pairs(data, prompt=args.prompt, skip_bad=args.skip_bad, workers=2, hint=hint)
+        pairs, skipped = load_pairs(data, prompt=args.prompt, skip_bad=args.skip_bad, workers=2, hint=hint,
+                                    from_targets=condition.kind if condition else None)
     except DataError as e:
         text = str(e).replace("training data", "held-out data").replace("to train on", "to evaluate on")
         raise EvalError(text) from e
@@ -160,7 +174,11 @@ def run(args, *, base: BaseModels | None = None) -> EvalResult:
 
     adapter = _load_adapter(Path(args.adapter))
     hint = hint_layout_of_adapter(adapter)
-    pairs = _held_out_pairs(args, hint)
+    condition = condition_from_targets(args, adapter)
+    if condition is not None:
+        log.info("no source/ in %s: conditions made from the targets with the adapter's preprocessor, %s",
+                 args.data, condition.describe())
+    pairs = _held_out_pairs(args, hint, condition)
     size = training_size(*image_size(pairs[0].target), _resolution(args, adapter))
     kind = score_kind(args, adapter)
     out = Path(args.out)
@@ -176,7 +194,8 @@ def run(args, *, base: BaseModels | None = None) -> EvalResult:
     # ---- encode (the trainer's cache: reruns and the trainer's own cache entries are reused)
     cache = TrainingCache(Path(args.cache_dir) if args.cache_dir else out / "cache",
                           CacheConfig(size=size, hint_channels=hint.channels, base_identity=checkpoint_identity(args.ckpt),
-                                      encoder_tag=str(getattr(base.vae, "vae_dtype", "")), extra_map=hint.extra_map))
+                                      encoder_tag=str(getattr(base.vae, "vae_dtype", "")), extra_map=hint.extra_map,
+                                      condition=condition))
     keys = sample_keys(pairs, cache.config, workers=2)
     with _bar(args, len(pairs), "encoding held-out pairs") as bar:
         cache.encode_samples(pairs, keys, base.encode_images, progress=bar.update, workers=2)
@@ -201,7 +220,7 @@ def run(args, *, base: BaseModels | None = None) -> EvalResult:
     if shown:
         images = _sample(args, base, adapter, hints[:shown], contexts[:shown], cache.load_text(""))
         conditions = [_picture(h) for h in hints]
-        targets = [prepare_pair(p, size, hint)[0] for p in pairs[:shown]]
+        targets = [prepare_pair(p, size, hint, condition)[0] for p in pairs[:shown]]
         result.scores = _score(kind, images, conditions, gap.swap, args)
         seeds = [args.seed + s for s in range(args.seeds)]
         result.files["grid"] = save_comparison_grid(
