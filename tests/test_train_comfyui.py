@@ -219,6 +219,11 @@ def test_cli_trains_and_writes_an_adapter_the_nodes_load(trainer, cli_run):
     assert adapter.omega == list(trainer.bps.PAPER_OMEGA) and adapter.config.hint_channels == 1
     rows = (cli_run.run_dir / "loss.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 2
+    # the validation step logs the own-vs-swapped condition eps-MSE of the 2 pairs (train/condition_gap.py)
+    assert rows[0].endswith(",eps_own,eps_swapped,eps_base")
+    own, swapped, base = (float(v) for v in rows[1].split(",")[-3:])
+    assert 0 < own < 10 and 0 < swapped < 10 and 0 < base < 10 and own != base
+    assert "validation step 1: eps-MSE own condition" in log
     assert cv2.imread(str(cli_run.run_dir / "loss.png")) is not None
     sheet = cv2.imread(str(cli_run.run_dir / "samples" / "step_00000001.png"))
     assert sheet is not None and sheet.shape[:2] == (64, 128)

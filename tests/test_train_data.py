@@ -25,7 +25,7 @@ from train.dataset import DataError, find_pairs, load_pairs  # noqa: E402
 from train.hint_layout import HintLayout  # noqa: E402
 from train.demo_data import NUM_PAIRS, draw_pair, write_demo_set  # noqa: E402
 from train.images import fit_image, read_image, training_size  # noqa: E402
-from train.loss_log import LossLog, draw_loss_curve, read_loss_log  # noqa: E402
+from train.loss_log import GAP_COLUMNS, LossLog, draw_loss_curve, gap_series, read_loss_log  # noqa: E402
 
 
 def _png(path: Path, h: int = 32, w: int = 32, value: int = 128, channels: int = 3) -> Path:
@@ -400,6 +400,34 @@ def test_loss_log_truncates_on_resume_and_draws_a_curve(tmp_path):
     png = draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], tmp_path / "loss.png")
     img = cv2.imread(str(png))
     assert img is not None and img.shape == (500, 900, 3) and (img < 250).any()
+
+
+def test_loss_log_keeps_the_validation_gap_columns_and_draws_them(tmp_path):
+    log = LossLog(tmp_path / "loss.csv")
+    for s in range(1, 7):
+        gap = {"eps_own": 0.5 / s, "eps_swapped": 0.6, "eps_base": 0.7} if s % 2 == 0 else None
+        log.append(s, 1.0 / s, 1e-5, 0.5, 2.0, gap)
+    log.close()
+    header = (tmp_path / "loss.csv").read_text().splitlines()[0]
+    assert header == "step,loss,lr,seconds,samples_per_second," + ",".join(GAP_COLUMNS)
+    log = LossLog(tmp_path / "loss.csv", resume_step=4)  # a resume keeps the earlier validation values
+    log.close()
+    rows = read_loss_log(tmp_path / "loss.csv")
+    assert [r["eps_own"] for r in rows] == [None, pytest.approx(0.25), None, pytest.approx(0.125)]
+    assert rows[1]["eps_swapped"] == pytest.approx(0.6) and rows[0]["eps_base"] is None
+    series = gap_series(rows)
+    assert list(series) == ["eps-MSE, own condition", "eps-MSE, swapped condition", "eps-MSE, base alone"]
+    assert series["eps-MSE, own condition"] == ([2, 4], [pytest.approx(0.25), pytest.approx(0.125)])
+    plain = draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], tmp_path / "plain.png")
+    drawn = draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], tmp_path / "gap.png",
+                            series=series)
+    green = lambda img: ((img[..., 1] > 130) & (img[..., 0] < 80) & (img[..., 2] < 80)).sum()  # noqa: E731
+    assert green(cv2.imread(str(drawn))) > 50 and green(cv2.imread(str(plain))) == 0
+    # a log written before the gap columns existed still reads, with None in them
+    old = tmp_path / "old.csv"
+    old.write_text("step,loss,lr,seconds,samples_per_second\n1,0.5,1e-05,0.1,2.0\n")
+    assert read_loss_log(old) == [{"step": 1, "loss": 0.5, "lr": 1e-5, "seconds": 0.1, "samples_per_second": 2.0,
+                                   "eps_own": None, "eps_swapped": None, "eps_base": None}]
 
 
 # ------------------------------------------------------------------------------ cache

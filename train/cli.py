@@ -204,14 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how many recent checkpoints to keep. Default: 2.")
     out.add_argument("--validate-every", type=_non_negative_int, default=0,
                      help="every N steps (and at the end) render validation samples with ComfyUI's sampler "
-                          "and the BPS-attached model, saved as PNGs in the checkpoint folder (0 = off). "
-                          "Default: 0.")
+                          "and the BPS-attached model, saved as PNGs in the checkpoint folder, and log the "
+                          "own-vs-swapped condition eps-MSE (--validation-gap-pairs) (0 = off). Default: 0.")
     out.add_argument("--validation-steps", type=_positive_int, default=12,
                      help="sampler steps of a validation sample. Default: 12.")
     out.add_argument("--validation-count", type=_positive_int, default=2,
                      help="how many training pairs (the first ones) are rendered. Default: 2.")
     out.add_argument("--validation-cfg", type=float, default=7.5,
                      help="classifier-free guidance of validation samples. Default: 7.5.")
+    out.add_argument("--validation-gap-pairs", type=_non_negative_int, default=8,
+                     help="at every validation, the eps-MSE of the first N training pairs at 4 fixed timesteps "
+                          "and noise with each pair's own condition and with another pair's (swapped), logged "
+                          "as eps_own/eps_swapped/eps_base in loss.csv and drawn in loss.png: own below swapped "
+                          "means the run is learning its condition (0 = off). Default: 8.")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (logs only). Default: off.")
     return p
 

@@ -362,20 +362,39 @@ def measure_condition_gap(steered: SteeredEps, base: BaseEps | Tensor, latents: 
     return ConditionGap(plan, swap, bands, overall, base_err, own, swapped)
 
 
-def comfy_forwards(model: Any, network: Any, omega: Sequence[float]) -> tuple[SteeredEps, BaseEps]:
+def comfy_base_forward(model: Any) -> BaseEps:
+    """``base(x, timestep, context) -> eps`` of a ComfyUI MODEL's UNet alone, run the way the sampler
+    runs it (its transformer_options and wrappers); loads the model through ComfyUI's model
+    management first, so it may be called between steered calls. Inputs go to the UNet's device."""
+    import comfy.model_management
+
+    from ..nodes import steering
+
+    device = comfy.model_management.get_torch_device()
+
+    def base(x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
+        comfy.model_management.load_models_gpu([model])
+        return steering.steered_unet_forward(model, x.to(device), timestep.to(device), context.to(device))
+
+    return base
+
+
+def comfy_forwards(model: Any, network: Any, omega: Sequence[float],
+                   unet_shape: Any = None) -> tuple[SteeredEps, BaseEps]:
     """``(steered, base)`` for a ComfyUI MODEL and a BPS network, through the Apply BPS attach code.
 
     ``steered`` is ``nodes.steering.SteeredForward`` (the trainer's forward: the residuals added by
-    the same wrapper and markers the node uses, weights ``omega`` at every timestep); ``base`` runs
-    the unpatched MODEL's UNet the way the sampler does. Both load the model through ComfyUI's
-    model management first, so they may be called in any order. Inputs go to the UNet's device;
-    the network must already be where it should compute.
+    the same wrapper and markers the node uses, weights ``omega`` at every timestep); ``base`` is
+    :func:`comfy_base_forward`. Both load the model through ComfyUI's model management first, so
+    they may be called in any order. Inputs go to the UNet's device; the network must already be
+    where it should compute. ``unet_shape``: the UNet the network was built for (an adapter's
+    ``unet_shape``; default: the model's own), so an adapter for another UNet is refused.
     """
     import comfy.model_management
 
     from ..nodes import steering
 
-    runner = steering.SteeredForward(model, network, omega)
+    runner = steering.SteeredForward(model, network, omega, unet_shape)
     device = comfy.model_management.get_torch_device()
 
     def steered(hint: Tensor, x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
@@ -383,8 +402,4 @@ def comfy_forwards(model: Any, network: Any, omega: Sequence[float]) -> tuple[St
         return runner(hint.to(net_param.device, net_param.dtype), x.to(device), timestep.to(device),
                       context.to(device))
 
-    def base(x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
-        comfy.model_management.load_models_gpu([model])
-        return steering.steered_unet_forward(model, x.to(device), timestep.to(device), context.to(device))
-
-    return steered, base
+    return steered, comfy_base_forward(model)

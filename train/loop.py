@@ -40,7 +40,7 @@ from .distributed import (DistInfo, any_process, barrier, broadcast_object, gath
 from .grad_checkpoint import checkpoint_unet
 from .hint_layout import hint_layout_of
 from .images import image_size, training_size
-from .loss_log import LossLog, draw_loss_curve, read_loss_log
+from .loss_log import LossLog, draw_loss_curve, gap_series, read_loss_log
 from .optimizers import (OptimizerChoice, OptimizerError, check_resume_choice, make_optimizer,
                          optimizer_state_bytes, parameter_bytes, require_backend)
 from .recipe import GENERIC_PROMPT, batch_context, choose_captions, lr_at, noise_latents
@@ -238,6 +238,7 @@ class _Run:
             log.info("cache %s: encoded %d new pair(s) and %d new prompt(s), reused %d", cache_dir, n, m,
                      len(pairs) - n)
         validation = self._validation_inputs(args, cache, keys, pairs, base)
+        gap_inputs = self._gap_inputs(args, cache, keys, pairs, base)
         if owned:
             base.free_encoders()  # everything is cached; validation holds its own VAE reference
             gc.collect()
@@ -278,6 +279,7 @@ class _Run:
                      trainable / 1e6, args.omega)
         network.gradient_checkpointing = bool(args.gradient_checkpointing)
         steered = SteeredUNet(network, base.model, omega, unet_shape)
+        self.steered_unet = steered  # the gap measurement runs it without DDP (rank 0 only)
         if info.enabled:
             steered = torch.nn.parallel.DistributedDataParallel(
                 steered, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -341,8 +343,12 @@ class _Run:
                 losses.append(step_loss)
                 seconds = time.perf_counter() - t0
                 speed = args.batch_size * args.grad_accum * info.world_size / max(seconds, 1e-9)
+                gap = None
+                if gap_inputs is not None and (step % args.validate_every == 0 or step == total):
+                    with autocast:
+                        gap = self._measure_gap(step, gap_inputs, network)
                 if loss_log:
-                    loss_log.append(step, step_loss, lr, seconds, speed)
+                    loss_log.append(step, step_loss, lr, seconds, speed, gap)
                 if bar is not None:
                     bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{speed:.2f}")
                     bar.update(1)
@@ -386,7 +392,7 @@ class _Run:
                          condition=self.condition.to_dict() if self.condition else None, unet=base.unet_shape)
             rows = read_loss_log(self.run_dir / "loss.csv")
             draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], self.run_dir / "loss.png",
-                            title=f"BPS training loss: {out.name}")
+                            title=f"BPS training loss: {out.name}", series=gap_series(rows))
             log.info("wrote %s (step %d, loss %.4f); loss log and curve in %s", out, step,
                      provenance["final_loss"], self.run_dir)
         barrier(self.info)
@@ -457,6 +463,46 @@ class _Run:
         hints = hint_values(torch.stack([cache.load_sample(k)[1] for k in keys[:n]]))
         positives = [cache.load_text(pairs[i].prompts[0]) for i in range(n)]
         return {"hints": hints, "positives": positives, "negative": cache.load_text(""), "vae": base.vae}
+
+    def _gap_inputs(self, args, cache, keys, pairs, base) -> dict | None:
+        """Fixed pairs, noise and timesteps of the own-vs-swapped eps-MSE logged at validation steps,
+        with the base alone's errors (the base is frozen: computed once, here)."""
+        count = min(getattr(args, "validation_gap_pairs", 0), len(keys))
+        if not args.validate_every or not self.info.is_main or count == 0:
+            return None
+        if count < 2:
+            log.warning("validation: the own-vs-swapped condition gap needs 2 pairs or more (%d here); not "
+                        "measured", count)
+            return None
+        from .condition_gap import GapPlan, base_errors, comfy_base_forward
+        samples = [cache.load_sample(k) for k in keys[:count]]
+        inputs = {"latents": torch.stack([latent for latent, _ in samples]).float(),
+                  "hints": hint_values(torch.stack([hint for _, hint in samples])),
+                  "contexts": [cache.load_text(pairs[i].prompts[0]) for i in range(count)],
+                  "plan": GapPlan(per_band=1, seed=args.seed), "model_sampling": base.model_sampling}
+        inputs["base"] = base_errors(comfy_base_forward(base.model), inputs["latents"], inputs["contexts"], inputs["model_sampling"],
+                                     inputs["plan"], batch_size=args.batch_size)
+        log.info("validation: own-vs-swapped condition eps-MSE on the first %d training pairs at timesteps %s "
+                 "(base alone: %.5f)", count, list(inputs["plan"].timesteps), float(inputs["base"].mean()))
+        return inputs
+
+    def _measure_gap(self, step, inputs, network) -> dict[str, float]:
+        """eps-MSE with own and swapped conditions at this step (see :mod:`train.condition_gap`)."""
+        from .condition_gap import measure_condition_gap
+        steered, device = self.steered_unet, self.device
+        was_training = network.training
+        network.eval()
+        try:
+            result = measure_condition_gap(
+                lambda hint, x, t, c: steered(x.to(device), t.to(device), c.to(device), hint.to(device)),
+                inputs["base"], inputs["latents"], inputs["hints"], inputs["contexts"], inputs["model_sampling"],
+                plan=inputs["plan"], batch_size=self.args.batch_size)
+        finally:
+            network.train(was_training)
+        o = result.overall
+        log.info("validation step %d: eps-MSE own condition %.5f, swapped %.5f (gap %+.5f ± %.5f), base alone "
+                 "%.5f", step, o.own.mean, o.swapped.mean, o.gap.mean, o.gap.ci95, o.base.mean)
+        return {"eps_own": o.own.mean, "eps_swapped": o.swapped.mean, "eps_base": o.base.mean}
 
     def _validate(self, step, validation, network, omega, base) -> None:
         if validation is not None:
