@@ -172,3 +172,25 @@ def test_cli_lists_every_preprocessor_with_its_real_defaults():
         for item in parameter_help(kind).split(", "):
             if item != "none":
                 assert item in text, (kind, item)
+
+
+# ------------------------------------------------------------------------- on the mini base
+
+def test_the_mini_base_demo_trains_and_evaluates_from_images_alone(tmp_path):
+    """try_mini_base.py --condition: a folder of the shapes' images and captions (no sketches) that
+    the trainer accepts, and held-out conditions made from the held-out targets the same way."""
+    from train.mini_base import shapes
+    from train.mini_base.evaluate import HeldOut
+
+    layouts = shapes.random_layouts(1000, 3)
+    folder = shapes.write_image_folder(tmp_path / "images", layouts)
+    assert not (folder / "source").exists()
+    pairs, problems = load_pairs(folder, from_targets="sketch")
+    assert problems == [] and [p.prompts[0] for p in pairs] == [l.caption for l in layouts]
+    held = HeldOut.draw(0, 3, size=64)
+    made = held.conditions_from_targets(SKETCH, size=64)
+    assert made.sketches.shape == (3, 1, 64, 64) and made.latents is held.latents
+    for layout, sketch in zip(held.layouts, made.sketches):
+        want = condition_image(shapes.render_image(layout, 64), SKETCH)
+        assert torch.equal(sketch[0], torch.from_numpy(want[:, :, 0]).float() / 255.0)
+    assert float(made.sketches.amax()) > 0.9  # the shapes' outlines were drawn

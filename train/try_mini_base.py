@@ -16,6 +16,9 @@ One command, four phases, each with a progress bar:
    ``results.json``.
 
 ``--adapter FILE --seed S`` re-evaluates an existing adapter on conditions drawn with another seed.
+``--condition sketch`` trains from the target images alone (no source/ sketches): the trainer makes
+each condition with that preprocessor (``bps/condition_maps.py``) and the evaluation makes the
+held-out conditions from the held-out targets the same way.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the mini base is cached. Default: $BPS_MINI_BASE_CACHE or ~/.cache/comfyui-bps.")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads. Default: torch's choice (all cores).")
+    p.add_argument("--condition", default=None, choices=("sketch", "edges", "layout", "gray", "rgb"),
+                   help="train from the target images alone, the conditions made by this preprocessor "
+                        "(train_bps.py --condition); the held-out conditions are made the same way. Default: "
+                        "none = the drawn outline sketches.")
     p.add_argument("--train-args", default="", metavar="'OPTS'",
                    help="extra train_bps.py options, appended to the recipe (later options win), e.g. "
                         "\"--steps 800\". Default: none.")
@@ -89,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         adapter_path = Path(args.adapter)
     else:
         t0 = time.perf_counter()
-        pairs = shapes.write_pair_folder(out / "pairs", shapes.random_layouts(evaluate.TRAIN_LAYOUT_SEED, NUM_PAIRS))
+        layouts = shapes.random_layouts(evaluate.TRAIN_LAYOUT_SEED, NUM_PAIRS)
+        if args.condition:  # the targets and their captions only: the trainer makes the conditions
+            pairs = shapes.write_image_folder(out / "images", layouts)
+            condition = ["--condition", args.condition]
+        else:
+            pairs = shapes.write_pair_folder(out / "pairs", layouts)
+            condition = []
         adapter_path = out / "adapter.safetensors"
         train_argv = ["--ckpt", str(base_path), "--data", str(pairs), "--out", str(adapter_path), "--overwrite",
-                      *ADAPTER_RECIPE, *args.train_args.split()]
+                      *ADAPTER_RECIPE, *condition, *args.train_args.split()]
         log.info("training the adapter: python train/train_bps.py %s", " ".join(train_argv))
         code = train_bps.main(train_argv)
         if code:

@@ -60,6 +60,13 @@ class HeldOut:
         latents = StandInVAE().encode(targets) * latent_scale
         return HeldOut(layouts, sketches, [shapes.region_mask(l, size) for l in layouts], latents)
 
+    def conditions_from_targets(self, condition: Any, size: int = shapes.SIZE) -> "HeldOut":
+        """The same layouts with conditions made from their targets by ``condition`` (a
+        ``bps.condition_maps.ConditionSpec``), as an adapter trained from images alone saw them."""
+        maps = [condition.apply(shapes.render_image(l, size)) for l in self.layouts]
+        sketches = torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0
+        return HeldOut(self.layouts, sketches, self.regions, self.latents)
+
 
 def ceiling(held_out: HeldOut) -> Fidelity:
     """What a perfect model scores: each target through the stand-in VAE and back."""
@@ -144,6 +151,9 @@ def evaluate(model: Any, adapter: Any, *, seed: int = 0, conditions: int = 50, s
 
     size = shapes.SIZE
     held = HeldOut.draw(seed, conditions, size, float(model.model.latent_format.scale_factor))
+    if adapter.condition is not None:  # trained from images alone: conditions from the targets, as in training
+        from ...bps.condition_maps import ConditionSpec
+        held = held.conditions_from_targets(ConditionSpec.from_dict(adapter.condition), size)
     context_dim = model.model.model_config.unet_config["context_dim"]
     context = StandInTextEncoder(context_dim).encode("")
     plan = GapPlan(seed=seed)

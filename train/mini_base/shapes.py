@@ -136,6 +136,26 @@ def write_pair_folder(folder: str | Path, layouts: list[Layout], size: int = SIZ
     return folder
 
 
+def write_image_folder(folder: str | Path, layouts: list[Layout], size: int = SIZE) -> Path:
+    """Write layouts as a folder of images alone (target/ and prompt.json naming only target and
+    prompt, no source/): what ``train_bps.py --condition`` trains from."""
+    folder = Path(folder)
+    (folder / "target").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, layout in enumerate(layouts):
+        name = f"{i:04d}.png"
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(render_image(layout, size), cv2.COLOR_RGB2BGR))
+        assert ok
+        path = folder / "target" / name
+        if not path.is_file() or path.read_bytes() != buf.tobytes():
+            path.write_bytes(buf.tobytes())
+        lines.append(json.dumps({"target": f"target/{name}", "prompt": layout.caption}))
+    text = "\n".join(lines) + "\n"
+    if not (folder / "prompt.json").is_file() or (folder / "prompt.json").read_text() != text:
+        (folder / "prompt.json").write_text(text)
+    return folder
+
+
 def mean_random_iou(seed: int = 0, count: int = 2000, size: int = SIZE) -> float:
     """Mean IoU of the regions of two independent layouts: what ignoring the sketch scores."""
     a, b = random_layouts(seed, count), random_layouts(seed + 1, count)
