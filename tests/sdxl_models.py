@@ -31,9 +31,8 @@ def reduced_sdxl_config(random_checkpoint) -> dict:
     return random_checkpoint.sdxl_unet_config(**REDUCED_SDXL_CHANGES)
 
 
-@contextlib.contextmanager
-def registered_reduced_sdxl() -> Iterator[type]:
-    """Let ComfyUI's checkpoint loader detect the reduced SDXL layout while the context is open."""
+def reduced_sdxl_model_config() -> type:
+    """ComfyUI's SDXL model config, matching the reduced widths instead of SDXL's."""
     import comfy.supported_models
 
     class ReducedSDXL(comfy.supported_models.SDXL):
@@ -43,12 +42,41 @@ def registered_reduced_sdxl() -> Iterator[type]:
             "adm_in_channels": 2816, "use_temporal_attention": False,
         }
 
+    return ReducedSDXL
+
+
+@contextlib.contextmanager
+def registered_reduced_sdxl() -> Iterator[type]:
+    """Let ComfyUI's checkpoint loader detect the reduced SDXL layout while the context is open."""
+    import comfy.supported_models
+
+    config = reduced_sdxl_model_config()
     models = comfy.supported_models.models
-    models.insert(0, ReducedSDXL)
+    models.insert(0, config)
     try:
-        yield ReducedSDXL
+        yield config
     finally:
-        models.remove(ReducedSDXL)
+        models.remove(config)
+
+
+#: A custom node for a test server (tests/comfy_server.py): it registers the reduced SDXL with the
+#: server's model detection for the server's life, so its checkpoint loader loads the reduced file.
+SERVER_CUSTOM_NODE = """
+import sys
+sys.path.insert(0, {tests!r})
+import comfy.supported_models
+import sdxl_models
+comfy.supported_models.models.insert(0, sdxl_models.reduced_sdxl_model_config())
+NODE_CLASS_MAPPINGS = {{}}
+"""
+
+
+def add_reduced_sdxl_detection(server_base: Path) -> Path:
+    """Write :data:`SERVER_CUSTOM_NODE` into a test server's custom_nodes/ (before it starts)."""
+    folder = Path(server_base) / "custom_nodes" / "bps_test_reduced_sdxl"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text(SERVER_CUSTOM_NODE.format(tests=str(Path(__file__).resolve().parent)))
+    return folder
 
 
 def write_reduced_sdxl_checkpoints(random_checkpoint, folder: Path) -> dict[str, Path]:
