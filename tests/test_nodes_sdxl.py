@@ -304,11 +304,12 @@ def test_omega_nodes_masks_and_chaining_work_with_the_16_sdxl_ports(pack, steeri
     sched2 = bps.make_schedule(sdxl_adapter.omega, strength=0.5, ports=ports)
     progress = comfy_host.pack_module(pack, "bps.schedule").progress_from_timestep(500.0)
     w1, w2 = sched1.weights_at(progress), sched2.weights_at(progress)
-    assert w1[ports.by_name("input_1").index] == pytest.approx(3 * 0.5)   # override, then the curve at p=0.5
+    curve = 1.0 - progress  # linear_down
+    assert w1[ports.by_name("input_1").index] == pytest.approx(3 * curve)   # the override, then the curve
     assert w1[ports.by_name("output_8").index] == 0.0
     middle = ports.by_name("middle").index
-    assert w1[middle] == pytest.approx(sdxl_adapter.omega[middle] * 0.5 * 0.5)
-    assert w1[ports.by_name("output_0").index] == pytest.approx(1 * 2 * 0.5)
+    assert w1[middle] == pytest.approx(sdxl_adapter.omega[middle] * 0.5 * curve)
+    assert w1[ports.by_name("output_0").index] == pytest.approx(1 * 2 * curve)
 
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
     import torch.nn.functional as F

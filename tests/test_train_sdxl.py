@@ -327,3 +327,33 @@ def test_an_interrupted_and_resumed_sdxl_run_equals_the_straight_one_bit_for_bit
     assert [r.split(",")[:2] for r in a.read_text().splitlines()] == [r.split(",")[:2] for r in
                                                                       b.read_text().splitlines()]
     comfy_host.release_memory()
+
+
+def test_the_trainer_accepts_sd15_and_sdxl_and_names_what_it_refuses(trainer):
+    """Full-size models on the meta device (no memory): SD1.5 (any width) and SDXL are trained for;
+    inpainting models, KOALA-700M (no middle block) and SD2.x are refused with the reason."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    rc, bm = trainer.rc, trainer.base_model
+
+    def model(cls, config):
+        c = getattr(comfy.supported_models, cls)(dict(config))
+        with torch.device("meta"):
+            m = c.get_model({})
+        return comfy.model_patcher.ModelPatcher(m, load_device="cpu", offload_device="cpu")
+
+    assert bm.base_family(model("SD15", rc.SD15_UNET_CONFIG)) == "SD1.5"
+    assert bm.base_family(model("SD15", {**rc.SD15_UNET_CONFIG, "model_channels": 32})) == "SD1.5"
+    assert bm.base_family(model("SDXL", rc.SDXL_UNET_CONFIG)) == "SDXL"
+    refusals = {
+        ("SDXL", "inpaint"): (rc.sdxl_unet_config(in_channels=9), r"SDXL inpainting model \(9 input channels\): train "
+                                                                   r"the adapter on the SDXL base model"),
+        ("KOALA_700M", ""): (rc.sdxl_unet_config(num_res_blocks=[1, 1, 1], transformer_depth=[0, 2, 5],
+                                                 transformer_depth_output=[0, 0, 2, 2, 5, 5],
+                                                 transformer_depth_middle=-2), r"KOALA_700M.*no middle block"),
+        ("SD20", ""): ({**rc.SD15_UNET_CONFIG, "context_dim": 1024}, r"SD2\.x.*trained for Stable Diffusion 1\.5 or "
+                                                                      r"SDXL"),
+    }
+    for (cls, _), (config, message) in refusals.items():
+        with pytest.raises(bm.BaseModelError, match=message):
+            bm.base_family(model(cls, config))

@@ -163,8 +163,9 @@ def _is_sdxl(model: Any) -> bool:
 def base_family(model: Any) -> str:
     """``"SD1.5"`` or ``"SDXL"`` for a ComfyUI MODEL the trainer can train an adapter for.
 
-    SD1.5 means its UNet shape exactly; SDXL means ComfyUI's SDXL model (pooled text and size
-    conditioning through ``encode_adm``) with a UNet the port rule covers, at any width.
+    SD1.5 means SD1.5's UNet layout (at any width: small test and mini-base UNets included); SDXL
+    means ComfyUI's SDXL model (pooled text and size conditioning through ``encode_adm``) with a
+    UNet the port rule covers, at any width.
 
     Raises:
         BaseModelError: another family, an SDXL variant the rule does not cover, or an
@@ -179,12 +180,13 @@ def base_family(model: Any) -> str:
     except ValueError as e:
         raise BaseModelError(f"{e}. BPS adapters are trained for {SUPPORTED_BASES}") from None
     sdxl = _is_sdxl(model)
-    if shape.in_channels != 4 and (sdxl or shape.signature() == SD15_SHAPE):
+    sd15 = not sdxl and shape.family_key == SD15_SHAPE.family_key
+    if shape.in_channels != 4 and (sdxl or sd15):
         family = "SDXL" if sdxl else "SD1.5"
         raise BaseModelError(f"this is a {family} inpainting model ({shape.in_channels} input channels): train the "
                              f"adapter on the {family} base model instead; Apply BPS steers the inpainting model "
                              f"with it, since both have the same hidden states")
-    if shape.signature() == SD15_SHAPE:
+    if sd15:
         return "SD1.5"
     if sdxl:
         problem = bps_problem(shape)
