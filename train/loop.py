@@ -481,6 +481,10 @@ class _Run:
         count = min(getattr(args, "validation_gap_pairs", 0), len(keys))
         if not args.validate_every or not self.info.is_main or count == 0:
             return None
+        if base.takes_pooled:  # the gap's forward passes no pooled-text y, which SDXL's UNet needs
+            log.warning("validation: the own-vs-swapped condition gap is measured for SD1.5 only; not measured on %s",
+                        base.family)
+            return None
         if count < 2:
             log.warning("validation: the own-vs-swapped condition gap needs 2 pairs or more (%d here); not "
                         "measured", count)
