@@ -54,7 +54,7 @@ def evaluate(steered_cls, network, base, omega, items, timesteps, *, shuffle: bo
             x0 = torch.stack([items[i]["latent"] for i, _ in chunk])
             hint_idx = [(i + 1 + (i % 3)) % n if shuffle else i for i, _ in chunk]
             hint = torch.stack([items[j]["hint"] for j in hint_idx])
-            context = recipe.batch_context([items[i]["conds"][0] for i, _ in chunk])
+            context = recipe.batch_context([items[i]["conds"][0].cond for i, _ in chunk])
             noised = recipe.noise_latents(x0, ms, gen, timesteps=torch.tensor([t for _, t in chunk]))
             eps = module(noised.unet_input, noised.timestep, context, hint)
             err = ((eps.float() - noised.noise) ** 2).mean(dim=(1, 2, 3))

@@ -181,8 +181,12 @@ class UNetShape:
         return UNetShape(**{**asdict(self), "in_channels": 4})
 
     def same_family(self, other: "UNetShape") -> bool:
-        """True when an adapter trained on ``other`` steers a UNet of this shape."""
-        return self.signature() == other.signature()
+        """True when an adapter trained on ``other`` steers a UNet of this shape.
+
+        Compared as plain values: the trainer imports this package under another name than
+        ComfyUI's node loader does, and a shape from one copy must match the other's.
+        """
+        return asdict(self.signature()) == asdict(other.signature())
 
     def _layout(self) -> tuple:
         return (self.channel_mult, self.num_res_blocks, self.input_blocks, self.middle_block, self.output_blocks)

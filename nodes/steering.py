@@ -167,8 +167,11 @@ class SteeredForward:
                                         unet_shape=shape)
         self.model = attach(model, self.attachment, manage_network=False)
 
-    def __call__(self, hint: Tensor, x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
-        """eps for UNet input ``x``, timesteps in [0, 999], text context and hint ``(B, C, H, W)`` in [0, 1]."""
+    def __call__(self, hint: Tensor, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None
+                 ) -> Tensor:
+        """The UNet's prediction for UNet input ``x``, timesteps in [0, 999], text context, hint
+        ``(B, C, H, W)`` in [0, 1] and, for UNets that take it (SDXL), ``y`` (pooled text + size)."""
         comfy.model_management.load_models_gpu([self.model])
         self.attachment.set_hint(hint)
-        return steered_unet_forward(self.model, x, timestep, context)
+        extra = {"y": y} if y is not None else {}
+        return steered_unet_forward(self.model, x, timestep, context, **extra)

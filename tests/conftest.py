@@ -99,3 +99,16 @@ def sd15_ckpt(comfyui_host, tmp_path_factory) -> Path:
     comfy_host.trainer_pack().train.random_checkpoint.write_random_sd15_checkpoint(path, seed=0)
     gc.collect()
     return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_reduced_ckpts(comfyui_host, tmp_path_factory) -> dict[str, Path]:
+    """Reduced-width SDXL checkpoint files from ComfyUI's SDXL classes (tests/sdxl_models.py),
+    ``{"eps": path, "v": path}``, ~1.8 GB each in fp16. Set BPS_TEST_SDXL_DIR to a folder to keep
+    and reuse them."""
+    import sdxl_models
+    folder = os.environ.get("BPS_TEST_SDXL_DIR") or tmp_path_factory.mktemp("sdxl")
+    paths = sdxl_models.write_reduced_sdxl_checkpoints(comfy_host.trainer_pack().train.random_checkpoint,
+                                                       Path(folder))
+    gc.collect()
+    return paths

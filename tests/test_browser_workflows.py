@@ -28,6 +28,7 @@ import torch
 
 import comfy_frontend
 import comfy_host
+import sdxl_models
 import thumbnails
 from comfy_server import PACK_DIR_NAME, ComfyServer
 
@@ -39,6 +40,9 @@ PACK_LABEL = json.loads((ROOT / "locales" / "en" / "main.json").read_text())[
     "templateWorkflows"]["category"][PACK_DIR_NAME]
 ARTIFACTS = Path(os.environ.get("BPS_TEST_ARTIFACTS") or ROOT / "test-artifacts") / "browser"
 WRITE_THUMBNAILS = os.environ.get("BPS_WRITE_THUMBNAILS", "") not in ("", "0")
+#: Checkpoint names the workflows load that are SDXL: served by the reduced-width SDXL checkpoint
+#: (tests/sdxl_models.py), every other name by the SD1.5 one.
+SDXL_CHECKPOINTS = {"sd_xl_base_1.0.safetensors"}
 #: Frontend-only node types: drawn on the canvas, never sent to the server.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
@@ -57,18 +61,24 @@ def _widget(path: Path, node_type: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def adapters(pack, tmp_path_factory) -> dict[str, Path]:
-    """Random full-width adapters under the names the workflows load: 1-channel for the sketch
-    adapter, 3-channel for the layout one (~1.3 GB each in fp16, written once per session)."""
+    """Random adapters under the names the workflows load: full-width SD1.5 ones, 1-channel for the
+    sketch adapter and 3-channel for the layout one (~1.3 GB each in fp16), and a 1-channel one for
+    the reduced SDXL checkpoint that serves the SDXL workflow; written once per session."""
     bps = pack.bps
     folder = tmp_path_factory.mktemp("bps_adapters")
-    channels = {"bps_sketch.safetensors": (1, "sketch"), "bps_layout.safetensors": (3, "layout")}
+    sdxl = bps.UNetShape.from_unet_config(sdxl_models.reduced_sdxl_config(
+        comfy_host.trainer_pack().train.random_checkpoint))
+    channels = {"bps_sketch.safetensors": (1, "sketch", bps.SD15_SHAPE),
+                "bps_layout.safetensors": (3, "layout", bps.SD15_SHAPE),
+                "bps_sketch_xl.safetensors": (1, "sketch", sdxl)}
     names = sorted({name for path in WORKFLOWS for name in _widget(path, "BPSLoader")})
     assert set(names) <= set(channels), f"a workflow loads an adapter this test does not build: {names}"
     written = {}
     for seed, name in enumerate(names, start=1):
-        hint_channels, meaning = channels[name]
-        net = comfy_host.steering_network(bps, bps.BPSConfig(hint_channels=hint_channels), seed=seed)
-        bps.save_adapter(folder / name, net, dtype=torch.float16, hint_meaning=meaning)
+        hint_channels, meaning, shape = channels[name]
+        net = comfy_host.steering_network(bps, bps.BPSConfig.for_unet(shape, hint_channels=hint_channels), seed=seed)
+        bps.save_adapter(folder / name, net, dtype=torch.float16, hint_meaning=meaning,
+                         unet=None if shape is bps.SD15_SHAPE else shape)
         del net  # one 2.7 GB fp32 network at a time
         comfy_host.release_memory()
         written[name] = folder / name
@@ -76,12 +86,15 @@ def adapters(pack, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(comfyui_host, sd15_ckpt, adapters, tmp_path_factory):
-    """The one server for every workflow: models under the workflows' names, the example images in
-    input/. Models stay loaded between workflows (they share the checkpoint and the sketch adapter)."""
+def server(comfyui_host, sd15_ckpt, sdxl_reduced_ckpts, adapters, tmp_path_factory):
+    """The one server for every workflow: models under the workflows' names (SDXL names served by
+    the reduced SDXL checkpoint, which a test custom node teaches the server's model detection), the
+    example images in input/. Models stay loaded between workflows (they share the checkpoint and
+    the sketch adapter)."""
     with ComfyServer(tmp_path_factory.mktemp("browser_server")) as s:
+        sdxl_models.add_reduced_sdxl_detection(s.base)
         for name in sorted({n for path in WORKFLOWS for n in _widget(path, "CheckpointLoaderSimple")}):
-            s.add_model("checkpoints", sd15_ckpt, name)
+            s.add_model("checkpoints", sdxl_reduced_ckpts["eps"] if name in SDXL_CHECKPOINTS else sd15_ckpt, name)
         for name, path in adapters.items():
             s.add_model("bps", path, name)
         for image in EXAMPLE_INPUTS:

@@ -2,7 +2,7 @@
 
 Encoding is the only part of a step that does not depend on the adapter, so it is done once:
 each pair's latent + hint lives in ``samples/<key>.safetensors`` and each prompt's embedding in
-``text/<key>.safetensors``. A key hashes the image bytes (or the prompt), the training size, the
+``text/<key>.safetensors`` (for SDXL with the pooled CLIP-G output next to it). A key hashes the image bytes (or the prompt), the training size, the
 hint channels and the base checkpoint's identity (and, for conditions made from the target with
 ``--condition``, the preprocessor, its parameters and its algorithm version), so changed data,
 another checkpoint or another preprocessor setting never reuses a stale entry, and unchanged
@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,15 @@ CACHE_VERSION = "bps-train-cache-1"
 
 #: images (B, H, W, 3) float [0, 1] -> model-space latents (B, 4, H/8, W/8)
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
-#: prompt -> conditioning (1, tokens, 768)
-EncodeText = Callable[[str], torch.Tensor]
+#: prompt -> conditioning (1, tokens, width), or (conditioning, pooled output (1, 1280) or None)
+EncodeText = Callable[[str], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+class PromptEmbedding(NamedTuple):
+    """A cached prompt: its conditioning and, for models conditioned on it (SDXL), the pooled output."""
+
+    cond: torch.Tensor                # (1, tokens, width)
+    pooled: torch.Tensor | None       # (1, 1280) or None
 
 
 def file_digest(path: str | Path) -> str:
@@ -77,7 +84,7 @@ class CacheConfig:
 
     size: tuple[int, int]            # training (height, width) in pixels
     hint_channels: int
-    base_identity: str               # checkpoint_identity() of the SD1.5 file
+    base_identity: str               # checkpoint_identity() of the base checkpoint
     encoder_tag: str = ""            # e.g. VAE dtype: entries from another precision are not reused
     extra_map: bool = False          # style adapters: an extra map packed after the RGB channels
     condition: "ConditionSpec | None" = None  # --condition: hints made from the targets by this preprocessor
@@ -191,8 +198,12 @@ class TrainingCache:
         todo = [p for p in dict.fromkeys(prompts) if not self.text_path(p).is_file()]
         for prompt in todo:
             with torch.no_grad():
-                cond = encode(prompt).float().cpu()
-            _atomic_save({"cond": cond}, self.text_path(prompt))
+                out = encode(prompt)
+            cond, pooled = out if isinstance(out, tuple) else (out, None)
+            tensors = {"cond": cond.float().cpu()}
+            if pooled is not None:
+                tensors["pooled"] = pooled.float().cpu()
+            _atomic_save(tensors, self.text_path(prompt))
         return len(todo)
 
     def load_sample(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,12 +212,18 @@ class TrainingCache:
         return d["latent"], d["hint"]
 
     def load_text(self, prompt: str) -> torch.Tensor:
-        """Cached conditioning (1, tokens, 768) of a prompt."""
+        """Cached conditioning (1, tokens, width) of a prompt."""
         return load_file(str(self.text_path(prompt)))["cond"]
+
+    def load_prompt(self, prompt: str) -> PromptEmbedding:
+        """Cached conditioning and pooled output (None when the model takes none) of a prompt."""
+        d = load_file(str(self.text_path(prompt)))
+        return PromptEmbedding(d["cond"], d.get("pooled"))
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """Training items from the cache: latent, hint in [0, 1], and the pair's caption embeddings."""
+    """Training items from the cache: latent, hint in [0, 1], and the pair's caption embeddings
+    (:class:`PromptEmbedding` each)."""
 
     def __init__(self, cache: TrainingCache, keys: Sequence[str], pairs: Sequence[Pair]):
         self.cache = cache
@@ -218,7 +235,7 @@ class CachedPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         latent, hint = self.cache.load_sample(self.keys[index])
-        conds = [self.cache.load_text(p) for p in self.prompts[index]]
+        conds = [self.cache.load_prompt(p) for p in self.prompts[index]]
         return {"index": index, "latent": latent, "hint": hint_values(hint), "conds": conds}
 
 

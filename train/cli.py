@@ -34,9 +34,11 @@ def bitsandbytes_installed() -> bool:
         return False
 
 DESCRIPTION = """\
-Train a Bayesian Power Steering (BPS) adapter for a frozen SD1.5 checkpoint, with the official
-recipe by default (AdamW, lr 1e-5, eps-prediction MSE on SD1.5's noise schedule, a generic prompt
-1/3 of the time). The UNet is steered by the same injection code the BPSApply node uses, so the
+Train a Bayesian Power Steering (BPS) adapter for a frozen SD1.5 or SDXL checkpoint (or a
+fine-tune of either), with the official recipe by default (AdamW, lr 1e-5, MSE on the model's own
+prediction, epsilon or v, on its noise schedule, a generic prompt 1/3 of the time). SDXL is
+detected from the checkpoint: both text encoders, the pooled output and the size/crop embedding
+(original = target = training size, crop 0) condition the UNet as in ComfyUI at that size. The UNet is steered by the same injection code the BPSApply node uses, so the
 adapter behaves in ComfyUI exactly as it did in training. Runs under torchrun for several GPUs.
 
 Data layouts (--data DIR):
@@ -72,6 +74,7 @@ examples:
   python train/train_bps.py --ckpt sd15.safetensors --data photos/ --out photo_sketch.safetensors --condition sketch
   python train/train_bps.py --ckpt sd15.safetensors --data photos/ --out edges.safetensors --condition edges \\
       --condition-param low=60 --condition-param high=120
+  python train/train_bps.py --ckpt sd_xl_base_1.0.safetensors --data data/ --out sketch_xl.safetensors
 """
 
 
@@ -101,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_bps.py", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("files")
-    io.add_argument("--ckpt", required=True, metavar="SD15_CHECKPOINT",
-                    help="SD1.5 checkpoint (.safetensors/.ckpt with UNet, VAE and CLIP), loaded by ComfyUI's "
-                         "own loader. Required.")
+    io.add_argument("--ckpt", required=True, metavar="CHECKPOINT",
+                    help="SD1.5 or SDXL checkpoint (.safetensors/.ckpt with UNet, VAE and text encoders), loaded "
+                         "by ComfyUI's own loader, which detects the family and the prediction type. Required.")
     io.add_argument("--data", default=None, metavar="DIR",
                     help="training data folder (layouts above). Default: none = the built-in demo set.")
     io.add_argument("--out", required=True, metavar="ADAPTER.safetensors",
@@ -131,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="passes over the data, used when --steps is not given. Default: 16 (official recipe).")
     rec.add_argument("--resolution", type=_resolution, default=512,
                      help="training size: images are resized to about RES x RES pixels, sides multiples of 64, "
-                          "keeping the data's aspect ratio. Default: 512.")
+                          "keeping the data's aspect ratio (every image is centre-cropped to the first target's "
+                          "aspect ratio). Default: 512. Use 1024 for SDXL.")
     rec.add_argument("--batch-size", type=_positive_int, default=4,
                      help="pairs per forward pass per process. Default: 4 (x --grad-accum 4 = the official "
                           "batch of 16).")

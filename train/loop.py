@@ -43,13 +43,15 @@ from .images import image_size, training_size
 from .loss_log import LossLog, draw_loss_curve, gap_series, read_loss_log
 from .optimizers import (OptimizerChoice, OptimizerError, check_resume_choice, make_optimizer,
                          optimizer_state_bytes, parameter_bytes, require_backend)
-from .recipe import GENERIC_PROMPT, batch_context, choose_captions, lr_at, noise_latents
+from .recipe import GENERIC_PROMPT, batch_context, batch_pooled, choose_captions, lr_at, noise_latents
 from .steered_unet import SteeredUNet, training_omega
 from .trainable import freeze_unreachable
 
 log = logging.getLogger("bps.train")
 
 DEFAULT_EPOCHS = 16  # official recipe
+#: Each base model's native training size (--resolution below it gets a warning).
+NATIVE_RESOLUTION = {"SD1.5": 512, "SDXL": 1024}
 #: Options whose change would make a resumed run diverge from the interrupted one.
 RESUME_MUST_MATCH = ("data", "size", "hint_channels", "hint", "batch_size", "grad_accum", "world_size", "seed",
                      "omega", "generic_prompt_prob", "base", "mixed_precision", "condition")
@@ -209,10 +211,8 @@ class _Run:
             log.warning("skipping %d bad entr%s (--skip-bad):\n%s", len(skipped),
                         "y" if len(skipped) == 1 else "ies", "\n".join(f"  - {p}" for p in skipped))
         size = training_size(*image_size(pairs[0].target), args.resolution)
-        if info.is_main:
-            log.info("%d training pairs from %s at %dx%d px", len(pairs), data_label, size[1], size[0])
-            if condition is not None:
-                log.info("conditions made from the target images: %s", condition.describe())
+        if info.is_main and condition is not None:
+            log.info("conditions made from the target images: %s", condition.describe())
 
         file_dtype = checkpoint_unet_dtype(args.ckpt)
         mp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -223,6 +223,14 @@ class _Run:
                                          need_clip=info.is_main, need_vae=info.is_main)
         base = self.base
         identity = checkpoint_identity(args.ckpt)
+        if info.is_main:
+            log.info("%d training pairs from %s at %dx%d px (%s, %s-prediction)", len(pairs), data_label, size[1],
+                     size[0], base.family, "epsilon" if base.prediction == "eps" else "v")
+            if args.resolution < NATIVE_RESOLUTION[base.family]:
+                log.warning("%s was trained at %dx%d; an adapter trained at --resolution %d steers best at that "
+                            "size. Pass --resolution %d for the native size", base.family,
+                            NATIVE_RESOLUTION[base.family], NATIVE_RESOLUTION[base.family], args.resolution,
+                            NATIVE_RESOLUTION[base.family])
 
         # ---- cache latents, hints and text embeddings (rank 0 encodes, the others wait)
         # Only rank 0 has the VAE; everyone must compute the same cache keys.
@@ -234,7 +242,7 @@ class _Run:
         prompts = [GENERIC_PROMPT, ""] + [p for pair in pairs for p in pair.prompts]
         if info.is_main:
             n = cache.encode_samples(pairs, keys, base.encode_images, workers=max(1, args.num_workers))
-            m = cache.encode_prompts(prompts, base.encode_text)
+            m = cache.encode_prompts(prompts, base.encode_prompt)
             log.info("cache %s: encoded %d new pair(s) and %d new prompt(s), reused %d", cache_dir, n, m,
                      len(pairs) - n)
         validation = self._validation_inputs(args, cache, keys, pairs, base)
@@ -303,7 +311,7 @@ class _Run:
             dataset, batch_sampler=stream, collate_fn=collate, num_workers=args.num_workers,
             generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG untouched
             persistent_workers=False, pin_memory=self.device.type == "cuda")
-        generic = cache.load_text(GENERIC_PROMPT)
+        generic = cache.load_prompt(GENERIC_PROMPT)
         loss_log = LossLog(self.run_dir / "loss.csv", resume_step=start_step) if info.is_main else None
 
         undo_unet_ckpt = checkpoint_unet(base.model.model.diffusion_model) if args.gradient_checkpointing else None
@@ -324,13 +332,16 @@ class _Run:
                 for micro in range(args.grad_accum):
                     batch = next(batches)
                     noised = noise_latents(batch["latent"], ms, generator)
-                    context = batch_context(choose_captions(batch["conds"], generic, args.generic_prompt_prob,
-                                                            generator))
+                    prompts = choose_captions(batch["conds"], generic, args.generic_prompt_prob, generator)
+                    context = batch_context([p.cond for p in prompts])
+                    # SDXL: pooled text + size/crop embedding, as the sampler builds it at this size
+                    y = base.unet_label(batch_pooled([p.pooled for p in prompts]), size)
                     sync = not info.enabled or micro == args.grad_accum - 1
                     with (_no_sync(steered) if not sync else _nullcontext()), autocast:
-                        eps = steered(noised.unet_input.to(self.device), noised.timestep.to(self.device),
-                                      context.to(self.device), batch["hint"].to(self.device))
-                        loss = F.mse_loss(eps.float(), noised.noise.to(self.device))
+                        pred = steered(noised.unet_input.to(self.device), noised.timestep.to(self.device),
+                                       context.to(self.device), batch["hint"].to(self.device),
+                                       y=y.to(self.device) if y is not None else None)
+                        loss = F.mse_loss(pred.float(), noised.target.to(self.device))
                     scaler.scale(loss / args.grad_accum).backward()
                     step_loss += float(loss.detach()) / args.grad_accum
                 scaler.step(optimizer)
@@ -461,14 +472,18 @@ class _Run:
             return None
         n = min(args.validation_count, len(keys))
         hints = hint_values(torch.stack([cache.load_sample(k)[1] for k in keys[:n]]))
-        positives = [cache.load_text(pairs[i].prompts[0]) for i in range(n)]
-        return {"hints": hints, "positives": positives, "negative": cache.load_text(""), "vae": base.vae}
+        positives = [cache.load_prompt(pairs[i].prompts[0]) for i in range(n)]
+        return {"hints": hints, "positives": positives, "negative": cache.load_prompt(""), "vae": base.vae}
 
     def _gap_inputs(self, args, cache, keys, pairs, base) -> dict | None:
         """Fixed pairs, noise and timesteps of the own-vs-swapped eps-MSE logged at validation steps,
         with the base alone's errors (the base is frozen: computed once, here)."""
         count = min(getattr(args, "validation_gap_pairs", 0), len(keys))
         if not args.validate_every or not self.info.is_main or count == 0:
+            return None
+        if base.takes_pooled:  # the gap's forward passes no pooled-text y, which SDXL's UNet needs
+            log.warning("validation: the own-vs-swapped condition gap is measured for SD1.5 only; not measured on %s",
+                        base.family)
             return None
         if count < 2:
             log.warning("validation: the own-vs-swapped condition gap needs 2 pairs or more (%d here); not "
@@ -521,6 +536,8 @@ class _Run:
         return {
             "trainer": "ComfyUI-BPS train/train_bps.py (official BPS recipe)",
             "base_model": Path(args.ckpt).name,
+            "base_family": self.base.family,
+            "prediction": self.base.prediction,
             "base_model_id": identity,
             "data": data_label,
             "num_pairs": num_pairs,

@@ -36,7 +36,7 @@ def training_schedule(omega: Sequence[float], ports: PortMap = SD15_PORTS) -> Om
 
 
 class SteeredUNet(nn.Module):
-    """eps = UNet(x_t, t, context) steered by B_phi(hint, t); only ``network`` is trainable."""
+    """prediction = UNet(x_t, t, context, y) steered by B_phi(hint, t); only ``network`` is trainable."""
 
     def __init__(self, network: BPSNetwork, model: Any, omega: Sequence[float], unet_shape: UNetShape | None = None):
         super().__init__()
@@ -51,7 +51,9 @@ class SteeredUNet(nn.Module):
         """The patched clone of the base ModelPatcher that training runs."""
         return self._runner[0].model
 
-    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, hint: Tensor) -> Tensor:
-        """Predicted noise for UNet input ``x`` (already scaled), timesteps 0..999, text context and
-        hint (B, C, H, W) in [0, 1]; differentiable with respect to the network's weights."""
-        return self._runner[0](hint, x, timestep, context)
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, hint: Tensor, y: Tensor | None = None
+                ) -> Tensor:
+        """The UNet's prediction (noise, or v for v-prediction models) for UNet input ``x`` (already
+        scaled), timesteps 0..999, text context, hint (B, C, H, W) in [0, 1] and, for SDXL, ``y``
+        (pooled text + size embedding); differentiable with respect to the network's weights."""
+        return self._runner[0](hint, x, timestep, context, y)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Train a Bayesian Power Steering adapter for SD1.5 (see ``--help``).
+"""Train a Bayesian Power Steering adapter for SD1.5 or SDXL (see ``--help``).
 
-    python train/train_bps.py --ckpt SD15_CHECKPOINT --data DATA_DIR --out ADAPTER.safetensors
+    python train/train_bps.py --ckpt CHECKPOINT --data DATA_DIR --out ADAPTER.safetensors
 
 This file only boots things in the right order, then hands over to ``train/loop.py``:
 

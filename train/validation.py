@@ -21,8 +21,15 @@ from ..nodes.steering import BPSAttachment, attach, model_unet_shape
 from .steered_unet import training_schedule
 
 
+def _conditioning(prompt: Any) -> list:
+    """A ComfyUI CONDITIONING from a cached prompt (cond, pooled) or a bare conditioning tensor, as
+    CLIPTextEncode builds it (the pooled output next to the tokens; SDXL's sampler needs it)."""
+    cond, pooled = prompt if isinstance(prompt, tuple) else (prompt, None)
+    return [[cond, {"pooled_output": pooled} if pooled is not None else {}]]
+
+
 def render_samples(model: Any, vae: Any, network: BPSNetwork, omega: Sequence[float], hints: torch.Tensor,
-                   positives: Sequence[torch.Tensor], negative: torch.Tensor, *, steps: int, cfg: float,
+                   positives: Sequence[Any], negative: Any, *, steps: int, cfg: float,
                    seed: int) -> list[np.ndarray]:
     """Render one image per hint; returns RGB uint8 arrays.
 
@@ -32,7 +39,8 @@ def render_samples(model: Any, vae: Any, network: BPSNetwork, omega: Sequence[fl
         network: the adapter network being trained (used read-only, no gradients).
         omega: the adapter's port weights.
         hints: (N, C, H, W) in [0, 1].
-        positives: N conditionings (1, L, 768); negative: the empty prompt's conditioning.
+        positives: N prompts (:class:`train.cache.PromptEmbedding`, or conditionings (1, L, width));
+            negative: the empty prompt, likewise.
     """
     import comfy.sample
 
@@ -55,7 +63,7 @@ def render_samples(model: Any, vae: Any, network: BPSNetwork, omega: Sequence[fl
                 latent = torch.zeros((1, 4, h, w))
                 noise = comfy.sample.prepare_noise(latent, seed + i)
                 samples = comfy.sample.sample(patched, noise, steps, cfg, "euler", "normal",
-                                              [[positives[i], {}]], [[negative, {}]], latent,
+                                              _conditioning(positives[i]), _conditioning(negative), latent,
                                               disable_pbar=True, seed=seed + i)
                 pixels = vae.decode(samples)
                 img = (pixels[0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
