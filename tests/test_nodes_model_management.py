@@ -32,6 +32,16 @@ def _hint(seed=3):
     return torch.rand(1, 1, LATENT * 8, LATENT * 8, generator=torch.Generator().manual_seed(seed))
 
 
+def _file_adapter(pack, full_adapter, path):
+    """``full_adapter`` saved to ``path`` in fp32 and named by it, as Load BPS Adapter hands it on
+    (its network object reused: a full-width B_phi is 2.6 GB, and these tests hold a few)."""
+    import gc
+    pack.bps.save_adapter(path, full_adapter.network, dtype=torch.float32)
+    gc.collect()
+    return pack.bps.Adapter(full_adapter.network, list(full_adapter.omega), full_adapter.config, {}, str(path),
+                            "sketch")
+
+
 def _bps_key(model):
     (key,) = [k for k in model.additional_models if k.startswith("bps_steering")]
     return key
@@ -41,9 +51,9 @@ def test_adapter_patcher_is_built_as_core_loaders_build_theirs(pack, steering, s
     import comfy.model_patcher
     compat = import_module(f"{pack.__name__}.nodes.comfy_compat")
     management = import_module(f"{pack.__name__}.nodes.model_management")
+    import gc
     path = tmp_path / "sketch.safetensors"
-    pack.bps.save_adapter(path, full_adapter.network)
-    adapter = pack.bps.load_adapter(path)
+    adapter = _file_adapter(pack, full_adapter, path)
     sched = pack.bps.make_schedule(adapter.omega)
     steered = steering.attach_bps(sd15, adapter, _hint(), sched, cache=None)
     patcher = steered.additional_models[_bps_key(steered)][0]
@@ -56,13 +66,18 @@ def test_adapter_patcher_is_built_as_core_loaders_build_theirs(pack, steering, s
         assert getattr(patcher, "cached_patcher_init", None) is None
         return
     factory, args = patcher.cached_patcher_init
-    assert factory is management.rebuild_adapter_patcher and args == (str(path), adapter.network.dtype)
+    # The file, in the dtype the UNet computes in, as the steered model uses it.
+    assert factory is management.rebuild_adapter_patcher and args == (str(path), torch.float32)
+    assert patcher.model is adapter.network
     # The factory re-reads the file into a network of its own, also as a non-dynamic delegate.
-    for rebuilt in (factory(*args), factory(*args, disable_dynamic=True)):
-        assert rebuilt.model is not adapter.network
+    for dynamic in (True, False):
+        rebuilt = factory(*args) if dynamic else factory(*args, disable_dynamic=True)
+        assert rebuilt.model is not patcher.model
         assert type(rebuilt) is type(patcher) or type(rebuilt) is comfy.model_patcher.ModelPatcher
-        for (name, mine), theirs in zip(adapter.network.state_dict().items(), rebuilt.model.state_dict().values()):
+        for (name, mine), theirs in zip(patcher.model.state_dict().items(), rebuilt.model.state_dict().values()):
             assert torch.equal(mine, theirs), name
+        del rebuilt
+        gc.collect()
     # Steering through it is today's, bit for bit: the same network object computes the residuals.
     x, context, t = _inputs()
     plain_patcher = steering.attach_bps(sd15, adapter, _hint(), sched, cache=None)
@@ -75,9 +90,11 @@ def test_adapter_patcher_is_built_as_core_loaders_build_theirs(pack, steering, s
     assert copy is not full_adapter.network
     assert all(torch.equal(a, b) for a, b in zip(full_adapter.network.state_dict().values(),
                                                  copy.state_dict().values()))
+    del copy
+    gc.collect()
 
 
-def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, full_adapter, tmp_path):
+def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, sd15, full_adapter, tmp_path):
     """Core's ModelPatcher.deepclone_multigpu (what comfy/multigpu.py runs per device) on a steered
     model: no error, the clone steers exactly as the original, and with its own B_phi copy."""
     import comfy.model_patcher
@@ -86,12 +103,11 @@ def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, 
         # 0.8.0 has no MultiGPU: attaching registers no deep-clone callback (there is no such event).
         assert not hasattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU")
         return
-    base = comfy_host.random_sd15_model(seed=0)
-    # A core loader records how to rebuild its model; the random SD1.5 "loader" is its seed.
+    # A core loader records how to rebuild its model; the random SD1.5 "loader" is its seed (the
+    # sd15 fixture is seed 0). A clone shares the fixture's weights, so only the deep clone adds a UNet.
+    base = sd15.clone()
     base.cached_patcher_init = (comfy_host.random_sd15_model, (0,))
-    path = tmp_path / "sketch.safetensors"
-    pack.bps.save_adapter(path, full_adapter.network)
-    adapter = pack.bps.load_adapter(path)
+    adapter = _file_adapter(pack, full_adapter, tmp_path / "sketch.safetensors")
     steered = steering.attach_bps(base, adapter, _hint(), pack.bps.make_schedule(adapter.omega), cache=None)
     x, context, t = _inputs()
     before = _forward(steering, steered, x, context, t)
