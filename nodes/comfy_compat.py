@@ -58,7 +58,10 @@ def core_patcher_class() -> type:
     """The ModelPatcher class core loaders build models with now: ``comfy.model_patcher.CoreModelPatcher``
     where it exists (0.33: ``main.py`` points it at ``ModelPatcherDynamic`` when dynamic VRAM is on,
     so it is read at call time, not import time), else ``ModelPatcher`` (0.8.0)."""
-    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    try:
+        return comfy.model_patcher.CoreModelPatcher
+    except AttributeError:  # 0.8.0: every loader builds a plain ModelPatcher
+        return comfy.model_patcher.ModelPatcher
 
 
 #: ``ModelPatcher.cached_patcher_init``: the loader factory core calls to rebuild a model for a

@@ -57,7 +57,8 @@ def test_adapter_patcher_is_built_as_core_loaders_build_theirs(pack, steering, s
     sched = pack.bps.make_schedule(adapter.omega)
     steered = steering.attach_bps(sd15, adapter, _hint(), sched, cache=None)
     patcher = steered.additional_models[_bps_key(steered)][0]
-    core = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    core = compat.core_patcher_class()
+    assert core is vars(comfy.model_patcher).get("CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     # What core itself builds for this device (on a CPU, ModelPatcherDynamic hands back a ModelPatcher).
     assert type(patcher) is type(core(torch.nn.Linear(1, 1), load_device=patcher.load_device,
                                       offload_device=patcher.offload_device))
