@@ -42,7 +42,8 @@ class BPSApply(io.ComfyNode):
                 io.Image.Input("image", tooltip="The condition image (sketch, layout, segmentation, style), "
                                                 "centre-cropped and resized to the generated image; RGB becomes "
                                                 "grey for 1-channel adapters. One image for the whole batch, or "
-                                                "one per latent."),
+                                                "one per latent (other batch sizes are cut or repeated as "
+                                                "ControlNet does; under context windows each frame gets its own)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Multiplies every port weight. 0 leaves the model exactly unchanged; "
                                        "lower values follow the condition more loosely and vary more."),
@@ -56,16 +57,22 @@ class BPSApply(io.ComfyNode):
                                            "Schedule. Default: the adapter's own weights, constant."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where the steering acts (1) and where it does not (0), resized to "
-                                      "the generated image; one mask or one per latent."),
+                                      "the generated image; one mask or one per latent (as the image)."),
+                io.Float.Input("uncond_multiplier", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Scales the steering on the negative (unconditional) half of CFG. 1 "
+                                       "steers both halves alike (the paper's rule); lower values steer the "
+                                       "negative prompt less, as soft ControlNet weights do. Costs no extra "
+                                       "adapter computation."),
             ],
             outputs=[io.Model.Output(tooltip="The steered model, for a sampler or another Apply BPS.")],
         )
 
     @classmethod
     def execute(cls, model, bps_adapter, image, strength: float, start_percent: float, end_percent: float,
-                omega=None, mask=None) -> io.NodeOutput:
+                omega=None, mask=None, uncond_multiplier: float = 1.0) -> io.NodeOutput:
         refuse_unfeedable(bps_adapter, "Apply BPS")
         schedule = make_schedule(bps_adapter.omega, omega, strength=strength, start=start_percent, end=end_percent,
                                  ports=bps_adapter.ports)
         # IMAGE is (B, H, W, C); B_phi makes its input contiguous itself (BPSNetwork.prepare_hint).
-        return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask))
+        return io.NodeOutput(attach_bps(model, bps_adapter, image.movedim(-1, 1), schedule, mask,
+                                        uncond_multiplier=uncond_multiplier))

@@ -9,6 +9,7 @@ shallow copy of ``transformer_options`` before calling the executor, so other wr
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
@@ -25,7 +27,7 @@ from ..bps.ports import PortMap, port_map
 from ..bps.residual_cache import ResidualCache, residual_key, tensor_digest
 from ..bps.schedule import OmegaSchedule, progress_from_timestep
 from ..bps.unet_shape import UNetShape
-from .hint_fit import as_mask, batch_index, fit_image, prepare_hint_channels, row_samples
+from .hint_fit import as_mask, batch_index, fit_image, prepare_hint_channels, row_layout
 from .injection import RESIDUALS_KEY
 
 #: Prefix of the wrapper / additional-model keys; each attachment appends a unique suffix.
@@ -49,11 +51,18 @@ class BPSAttachment:
     mask: Tensor | None = None          # (H, W) or (B, H, W) in [0, 1]; resized to every port
     extra: Tensor | None = None         # style variant's extra map, if not packed into hint
     share_rows: bool = True             # compute B_phi once per distinct (timestep, hint row)
+    #: Scales the residual on the uncond (negative) CFG rows, after B_phi and its cache; 1.0 is the
+    #: paper's rule (both halves steered alike), 0 steers only the cond rows.
+    uncond_multiplier: float = 1.0
     #: Keep B_phi's outputs across UNet calls and sampling runs (the nodes' process-wide cache); None
     #: computes every call. Used only without gradients and with the network in eval mode.
     residual_cache: ResidualCache | None = None
     key: str = field(default_factory=lambda: f"{WRAPPER_KEY_PREFIX}_{uuid.uuid4().hex[:12]}")
+    #: The adapter file the network was read from, if any: the MultiGPU deep clone re-reads it.
+    source: str | None = None
     _fitted: dict = field(default_factory=dict, repr=False)
+    #: (what, batch, latent batch) already logged by batch_index: one line per case, not per step.
+    _told: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if self.unet_shape is None:
@@ -61,6 +70,11 @@ class BPSAttachment:
         self.mask = as_mask(self.mask)
         if self.hint is not None:
             self.set_hint(self.hint, self.extra)
+
+    def with_network(self, network: BPSNetwork) -> "BPSAttachment":
+        """This attachment (same key, schedule, hint, mask) computing with another copy of B_phi,
+        e.g. the one a MultiGPU deep clone loaded on its own device."""
+        return dataclasses.replace(self, network=network, _fitted={}, _told=set())
 
     @property
     def ports(self) -> PortMap:
@@ -106,7 +120,8 @@ class BPSAttachment:
                   ) -> dict[int, Tensor] | None:
         """Weighted, masked residual per port for one UNet call, or None when every weight is 0.
 
-        Rows map to hint rows like ComfyUI's ControlNet does; B_phi runs once per distinct
+        Rows map to hint rows like ComfyUI's ControlNet does (:func:`.hint_fit.batch_index`), by
+        the window's frame indices under context windows; B_phi runs once per distinct
         (timestep, hint row) among the rows with a non-zero weight (``share_rows``), or once per
         active row. Gradients flow into the network unless the caller disabled them.
         """
@@ -116,14 +131,18 @@ class BPSAttachment:
             t_rows = t_rows.expand(rows)
         per_t = {v: self.schedule.weights_at(progress_from_timestep(v)) for v in set(t_rows.tolist())}
         weights = torch.tensor([per_t[v] for v in t_rows.tolist()], dtype=torch.float64)  # rows x ports
+        layout = row_layout(rows, transformer_options)
+        if self.uncond_multiplier != 1.0:
+            weights[layout.uncond] *= self.uncond_multiplier
         active = weights.ne(0).any(dim=1)
         if not bool(active.any()):
             return None
         if self.hint is None:
             raise HintError("the BPS adapter has no condition image: connect an image to Apply BPS")
 
-        samples = row_samples(rows, transformer_options)
-        hint_rows = batch_index(samples, self.hint.shape[0], "condition image")
+        # Hint rows follow the latent samples (under context windows, the window's frames), so the
+        # B_phi inputs, and the residual cache keys made from them, are those of the rows used.
+        hint_rows = batch_index(layout, self.hint.shape[0], "condition image", self._told)
         # One B_phi input per distinct (timestep, hint row) of the active rows: CFG halves share it.
         slot_of: dict[tuple, int] = {}
         row_slot = torch.zeros(rows, dtype=torch.long)
@@ -160,7 +179,7 @@ class BPSAttachment:
         row_slot = row_slot.to(x.device)
         mask = None
         if self.mask is not None:
-            mask = self.mask[batch_index(samples, self.mask.shape[0], "mask")].to(x.device, x.dtype)
+            mask = self.mask[batch_index(layout, self.mask.shape[0], "mask", self._told)].to(x.device, x.dtype)
         mask_at: dict[tuple[int, int], Tensor] = {}
         result: dict[int, Tensor] = {}
         for port, out in zip(self.ports, outs):
@@ -182,6 +201,19 @@ class SteeringWrapper:
 
     def __init__(self, attachment: BPSAttachment):
         self.attachment = attachment
+
+    def on_multigpu_deepclone(self, original, clone) -> None:
+        """ON_DEEPCLONE_MULTIGPU callback: the deep clone for another device got its own B_phi (its
+        additional model under this attachment's key, rebuilt by the patcher's factory); make the
+        clone's wrapper compute with that copy, not with the original on the original's device."""
+        key = self.attachment.key
+        copies = clone.additional_models.get(key) or []
+        if not copies:
+            return
+        wrappers = clone.wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+        if key in wrappers:
+            wrappers[key] = [SteeringWrapper(w.attachment.with_network(copies[0].model))
+                             if isinstance(w, SteeringWrapper) else w for w in wrappers[key]]
 
     def __call__(self, executor, x, timesteps, *args, **kwargs):
         # UNetModel.forward hands the executor (x, timesteps, context, y, control, transformer_options).

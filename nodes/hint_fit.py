@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 import comfy.utils
 
 from ..bps.errors import HintError
+from .comfy_compat import window_frames
+
+log = logging.getLogger("comfyui-bps")
 
 #: RGB -> luminance weights (ITU-R BT.601, as cv2.COLOR_RGB2GRAY, which the trainer uses).
 LUMA = (0.299, 0.587, 0.114)
@@ -63,28 +69,54 @@ def fit_image(image: Tensor, height: int, width: int) -> Tensor:
     return out if shrink else out.clamp(0.0, 1.0)
 
 
-def row_samples(rows: int, transformer_options: dict) -> Tensor:
-    """Latent sample index of every row of a UNet call.
+@dataclass(frozen=True)
+class RowLayout:
+    """Which latent sample each row of one UNet call is, and whether it is an uncond (negative) row.
 
-    ComfyUI batches [cond chunk, uncond chunk, ...], each chunk one full latent batch, and lists the
-    chunks in ``cond_or_uncond`` (as ControlNet's broadcast_image_to assumes).
+    ComfyUI batches [cond chunk, uncond chunk, ...], each chunk one full latent batch (or, under
+    context windows, the window's frames), and lists the chunks' kinds in ``cond_or_uncond``
+    (0 cond, 1 uncond), as ControlNet's ``broadcast_image_to`` assumes.
     """
-    chunks = len(transformer_options.get("cond_or_uncond", ()) or ()) or 1
-    if rows % chunks:
-        chunks = 1
-    return torch.arange(rows) % (rows // chunks)
+
+    samples: Tensor      # (rows,) latent sample (frame) index of every row, in the whole latent batch
+    latent_batch: int    # how many samples the whole latent batch has
+    uncond: Tensor       # (rows,) bool: the row belongs to an uncond chunk
 
 
-def batch_index(samples: Tensor, available: int, what: str) -> Tensor:
-    """Which row of a hint/mask batch each sample uses: a batch of 1 is broadcast, else one per sample."""
+def row_layout(rows: int, transformer_options: dict) -> RowLayout:
+    """The :class:`RowLayout` of a UNet call with ``rows`` rows and these ``transformer_options``."""
+    kinds = list(transformer_options.get("cond_or_uncond", ()) or ())
+    if not kinds or rows % len(kinds):
+        kinds = [0]
+    per_chunk = rows // len(kinds)
+    windowed = window_frames(transformer_options, per_chunk)
+    if windowed is not None:
+        frames, latent_batch = torch.tensor(windowed[0]), windowed[1]
+    else:
+        frames, latent_batch = torch.arange(per_chunk), per_chunk
+    uncond = torch.tensor([kind == 1 for kind in kinds]).repeat_interleave(per_chunk)
+    return RowLayout(frames.repeat(len(kinds)), latent_batch, uncond)
+
+
+def batch_index(layout: RowLayout, available: int, what: str, told: set | None = None) -> Tensor:
+    """Which row of a hint/mask batch of ``available`` each UNet row uses, as core ControlNet does it.
+
+    A batch of 1 is used for every sample; a batch of the latent batch's size gives one per sample
+    (under context windows, each frame its own, by the window's frame indices). Any other size is
+    cut or repeated to the latent batch the way ``comfy.controlnet.broadcast_image_to`` does: sample
+    ``s`` takes row ``s % available`` (the first rows when there are more; cycled when fewer). That
+    case logs one line, once per ``told`` set (the caller's, so one sampling run says it once).
+    """
     if available == 1:
-        return torch.zeros_like(samples)
-    latent_batch = int(samples.max()) + 1
-    if available != latent_batch:
-        raise HintError(f"the {what} has a batch of {available} but the latent batch is {latent_batch}: give one "
-                        f"{what} for all samples or exactly one per sample (e.g. match the Empty Latent Image "
-                        f"batch_size)")
-    return samples
+        return torch.zeros_like(layout.samples)
+    if available != layout.latent_batch and (told is None or (what, available, layout.latent_batch) not in told):
+        how = "uses its first" if available > layout.latent_batch else "repeats its"
+        log.info("BPS: the %s has a batch of %d but the latent batch is %d: %s %s, as ComfyUI's ControlNet does",
+                 what, available, layout.latent_batch, how,
+                 f"{layout.latent_batch} rows" if available > layout.latent_batch else f"{available} rows in turn")
+        if told is not None:
+            told.add((what, available, layout.latent_batch))
+    return layout.samples % available
 
 
 def as_mask(mask: Tensor | None) -> Tensor | None:

@@ -13,6 +13,8 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 
+from . import comfy_compat
+from ..bps.adapter_file import load_adapter
 from ..bps.network import BPSNetwork
 from ..bps.residual_cache import ResidualCache, budget_from_env
 
@@ -23,14 +25,45 @@ _ADAPTER_PATCHERS: "weakref.WeakKeyDictionary[BPSNetwork, weakref.ref]" = weakre
 _CAST_COPIES: "weakref.WeakKeyDictionary[BPSNetwork, dict]" = weakref.WeakKeyDictionary()
 
 
-def adapter_model_patcher(network: BPSNetwork) -> comfy.model_patcher.ModelPatcher:
-    """The ComfyUI-managed ModelPatcher of an adapter network (one per network, shared by all applies)."""
+def adapter_model_patcher(network: BPSNetwork, source: str | None = None) -> comfy.model_patcher.ModelPatcher:
+    """The ComfyUI-managed ModelPatcher of an adapter network (one per network, shared by all applies).
+
+    Built as current core loaders build theirs: with the core patcher class (dynamic VRAM where
+    ComfyUI turned it on) and a ``cached_patcher_init`` factory that rebuilds it, with its own copy
+    of B_phi, from the adapter file ``source`` in the network's dtype (or, for a network that came
+    from no file, from its weights), which core's MultiGPU deep clone and non-dynamic delegates call.
+    """
     ref = _ADAPTER_PATCHERS.get(network)
     patcher = ref() if ref is not None else None
     if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(network, load_device=comfy.model_management.get_torch_device(),
-                                                   offload_device=comfy.model_management.unet_offload_device())
+        patcher = _new_patcher(network, comfy_compat.core_patcher_class())
+        comfy_compat.set_patcher_factory(patcher, rebuild_adapter_patcher, (source or network, network.dtype))
         _ADAPTER_PATCHERS[network] = weakref.ref(patcher)
+    return patcher
+
+
+def _new_patcher(network: BPSNetwork, patcher_class: type) -> comfy.model_patcher.ModelPatcher:
+    return patcher_class(network, load_device=comfy.model_management.get_torch_device(),
+                         offload_device=comfy.model_management.unet_offload_device())
+
+
+def rebuild_adapter_patcher(source: str | BPSNetwork, dtype: torch.dtype,
+                            disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """A new adapter patcher owning a new B_phi: read from the adapter file ``source`` (a path) or
+    copied from the network ``source``, in ``dtype``; the ``cached_patcher_init`` factory of
+    :func:`adapter_model_patcher`. ``disable_dynamic``: a plain ModelPatcher, as core asks for a
+    non-dynamic delegate."""
+    if isinstance(source, BPSNetwork):
+        with torch.device("meta"):
+            network = BPSNetwork(source.config)
+        network.load_state_dict({k: v.detach().to(dtype, copy=True) for k, v in source.state_dict().items()},
+                                assign=True)
+        network.eval().requires_grad_(False)
+    else:
+        network = load_adapter(source, dtype=dtype).network
+    patcher = _new_patcher(network, comfy.model_patcher.ModelPatcher if disable_dynamic
+                           else comfy_compat.core_patcher_class())
+    comfy_compat.set_patcher_factory(patcher, rebuild_adapter_patcher, (source, dtype))
     return patcher
 
 

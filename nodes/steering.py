@@ -22,6 +22,7 @@ Training entry points: :func:`steered_unet_forward` (one call) and :class:`Steer
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from torch import Tensor
@@ -35,6 +36,7 @@ from ..bps.ports import port_map
 from ..bps.residual_cache import ResidualCache
 from ..bps.schedule import OmegaSchedule, make_schedule
 from ..bps.unet_shape import UNetShape
+from . import comfy_compat
 from .attachment import WRAPPER_KEY_PREFIX, BPSAttachment, SteeringWrapper
 from .base_check import check_model_fits, describe_model, model_unet_shape
 from .hint_fit import LUMA, fit_image, prepare_hint_channels
@@ -72,10 +74,11 @@ def attach(model: comfy.model_patcher.ModelPatcher, attachment: BPSAttachment, *
                          f"build it with BPSConfig.for_unet(shape)")
     steered = model.clone()
     install_injection_points(steered, attachment.ports)
-    steered.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, attachment.key,
-                                 SteeringWrapper(attachment))
+    wrapper = SteeringWrapper(attachment)
+    steered.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, attachment.key, wrapper)
     if manage_network:
-        steered.set_additional_models(attachment.key, [adapter_model_patcher(attachment.network)])
+        steered.set_additional_models(attachment.key, [adapter_model_patcher(attachment.network, attachment.source)])
+        comfy_compat.on_multigpu_deepclone(steered, attachment.key, wrapper.on_multigpu_deepclone)
     return steered
 
 
@@ -83,7 +86,8 @@ _RESIDUAL_CACHE: ResidualCache | None = None
 
 def attach_bps(model: comfy.model_patcher.ModelPatcher, adapter: Any, hint: Tensor, schedule: OmegaSchedule,
                mask: Tensor | None = None, *, share_rows: bool = True,
-               cache: ResidualCache | None | str = "process") -> comfy.model_patcher.ModelPatcher:
+               cache: ResidualCache | None | str = "process",
+               uncond_multiplier: float = 1.0) -> comfy.model_patcher.ModelPatcher:
     """Steer ``model`` with a loaded adapter (:class:`bps.Adapter`); returns a patched clone.
 
     This is what the Apply BPS node runs. The adapter computes in the UNet's compute dtype (a cast
@@ -101,17 +105,27 @@ def attach_bps(model: comfy.model_patcher.ModelPatcher, adapter: Any, hint: Tens
         cache: where B_phi's outputs are kept across UNet calls and runs: ``"process"`` (default) the
             process-wide :func:`residual_cache`, a :class:`ResidualCache` of the caller's, or None to
             compute every call. Weights (strength, omega, range) and the mask are applied after it.
+        uncond_multiplier: scales the residual on the uncond (negative) CFG rows, after the cache
+            (1.0: both halves steered alike, the paper's rule).
 
     Raises:
         ValueError: not the adapter's UNet. HintError: the image's channels cannot be matched.
     """
     network = network_in_dtype(adapter.network, unet_compute_dtype(model))
     attachment = BPSAttachment(network, schedule, unet_shape=getattr(adapter, "unet_shape", None), hint=hint,
-                               mask=mask, share_rows=share_rows,
+                               mask=mask, share_rows=share_rows, uncond_multiplier=float(uncond_multiplier),
+                               source=_file_source(adapter, network),
                                residual_cache=residual_cache() if cache == "process" else cache)
     name = getattr(adapter, "path", None)
     return attach(model, attachment, adapter_name=str(name).replace("\\", "/").rsplit("/", 1)[-1] if name else None)
 
+
+
+def _file_source(adapter: Any, network: BPSNetwork) -> str | None:
+    """The adapter file to rebuild ``network`` from: the adapter's file when ``network`` holds its
+    weights as read (itself or a dtype copy of it); None for adapters built in memory."""
+    path = getattr(adapter, "path", None)
+    return str(path) if path and os.path.isfile(path) else None
 
 
 def transformer_options_for(model: comfy.model_patcher.ModelPatcher) -> dict:

@@ -155,16 +155,14 @@ def test_mask_limits_where_steering_acts(pack, steering, sd15, full_adapter):
                           _forward(steering, nomask, x, t, context, [0, 1]), rtol=1e-5, atol=1e-6)
 
 
-def test_rgb_hint_any_size_and_batch_errors(pack, steering, sd15, full_adapter):
+def test_rgb_hint_any_size(pack, steering, sd15, full_adapter):
     bps = pack.bps
     x, context = _unet_inputs(4)
     t = torch.full((4,), 800.0)
     rgb = torch.rand(1, 3, 100, 150)  # other size and aspect: centre-cropped and resized
     steered = steering.attach_bps(sd15, full_adapter, rgb, bps.make_schedule(full_adapter.omega))
     assert torch.isfinite(_forward(steering, steered, x, t, context, [0, 1])).all()
-    bad = steering.attach_bps(sd15, full_adapter, _hint(3), bps.make_schedule(full_adapter.omega))
-    with pytest.raises(bps.HintError, match="batch of 3 but the latent batch is 2"):
-        _forward(steering, bad, x, t, context, [0, 1])
+    # Other hint batch sizes: tests/test_nodes_batches.py.
 
 
 def test_odd_latent_size(pack, steering, sd15, full_adapter):

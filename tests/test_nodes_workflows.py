@@ -42,6 +42,8 @@ def ui_to_api(workflow: dict) -> dict:
                 continue
             if isinstance(kind, str) and kind.isupper() and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
                 continue  # an unconnected socket (optional)
+            if not values and name in spec.get("optional", {}):
+                continue  # a widget added after the workflow was saved: the frontend gives it its default
             assert values, f"{node['type']}: no widget value left for {name!r}"
             inputs[name] = values.pop(0)
             options = opts[0] if opts else {}

@@ -45,12 +45,16 @@ def test_comfy_import_guard_reports_the_pack_safe_on_this_comfyui(tmp_path):
     run = subprocess.run(
         [sys.executable, "-c", "import sys; from comfy_import_guard.cli import main; sys.exit(main())",
          "--offline", "--json", "--quiet", "--cache-dir", str(tmp_path / "cache"),
-         "check", "--comfy-dir", str(install), "--target", "HEAD", "--no-update", "--strict"],
+         "check", "--comfy-dir", str(install), "--target", "HEAD", "--no-update"],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"comfy-import-guard failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
     report = json.loads(run.stdout)
     (pack,) = report["packs"]
     assert pack["python_files"] > 50, pack  # it read the pack (nodes, bps, train, tests), not an empty folder
-    problems = {k: pack[k] for k in ("breaking", "soft", "unresolvable", "signature_drift", "unparseable")}
-    assert pack["verdict"] == "SAFE" and not any(problems.values()), \
+    problems = {k: pack[k] for k in ("breaking", "unresolvable", "signature_drift", "unparseable")}
+    # A guarded reference (try/except AttributeError) to a name this ComfyUI lacks is a "soft"
+    # warning: the one place allowed to feature-test ComfyUI is nodes/comfy_compat.py (on 0.8.0 it
+    # looks for names 0.33 added; on 0.33 there are none).
+    problems["soft outside nodes/comfy_compat.py"] = [r for r in pack["soft"] if r["file"] != "nodes/comfy_compat.py"]
+    assert pack["verdict"] in ("SAFE", "WARN") and not any(problems.values()), \
         f"comfy-import-guard says {pack['verdict']}: {json.dumps(problems, indent=1)}"
