@@ -24,6 +24,8 @@ UI_TIMEOUT_MS = 180_000
 #: cards are ``[data-testid='template-workflow-<name>']`` in both.
 TEMPLATE_DIALOG = (":is(.workflow-template-selector-dialog, "
                    "[role='dialog'][aria-labelledby='global-workflow-template-selector'])")
+#: Frontend 1.35 (ComfyUI 0.8) matches both forms, its labelled dialog and the classed panel inside
+#: it, so locators take the outermost match (the first in document order).
 
 
 def chromium_executable() -> str | None:
@@ -145,7 +147,7 @@ class Frontend:
     # ------------------------------------------------------------------------- templates
     def open_templates(self, timeout_ms: int = 120_000) -> None:
         """Show the template browser (a first-time visitor already sees it; open it otherwise)."""
-        dialog = self.page.locator(TEMPLATE_DIALOG)
+        dialog = self.page.locator(TEMPLATE_DIALOG).first
         if not dialog.is_visible():
             self.command("Comfy.BrowseTemplates")
         dialog.wait_for(state="visible", timeout=timeout_ms)
@@ -153,14 +155,14 @@ class Frontend:
     def wait_for_first_visit_templates(self, timeout_ms: int = 60_000) -> bool:
         """Wait for the template browser a new user gets on the first visit; False if it never came."""
         try:
-            self.page.locator(TEMPLATE_DIALOG).wait_for(state="visible", timeout=timeout_ms)
+            self.page.locator(TEMPLATE_DIALOG).first.wait_for(state="visible", timeout=timeout_ms)
             return True
         except Exception:  # playwright's TimeoutError: the caller opens the browser itself
             return False
 
     def select_template_category(self, label: str) -> None:
         """Click a category in the template browser's left panel (a node pack's is under Extensions)."""
-        dialog = self.page.locator(TEMPLATE_DIALOG)
+        dialog = self.page.locator(TEMPLATE_DIALOG).first
         dialog.get_by_text(label, exact=True).first.click()
         dialog.locator("[data-testid^='template-workflow-']").first.wait_for(state="visible")
 
@@ -188,7 +190,7 @@ class Frontend:
         """Click a template's card (the frontend fetches its JSON and calls ``app.loadGraphData``)
         and wait until the graph holds exactly the nodes ``node_ids`` (compared as numbers: frontend 1.49
         keeps node ids as strings)."""
-        dialog = self.page.locator(TEMPLATE_DIALOG)
+        dialog = self.page.locator(TEMPLATE_DIALOG).first
         dialog.locator(f"[data-testid='template-workflow-{name}']").click()
         dialog.wait_for(state="hidden", timeout=timeout_ms)
         self.page.wait_for_function(
