@@ -90,12 +90,14 @@ def full_adapter(pack):
 def sd15_ckpt(comfyui_host, tmp_path_factory) -> Path:
     """A random-weight SD1.5 checkpoint file that ComfyUI's checkpoint loader detects (~2 GB, fp16).
 
-    Set BPS_TEST_SD15_CKPT to an existing file to skip writing it.
+    Set BPS_TEST_SD15_CKPT to keep it between runs: an existing file there is used as it is, a
+    missing one is written there (CI writes it once for both ComfyUI versions).
     """
     reuse = os.environ.get("BPS_TEST_SD15_CKPT")
     if reuse and Path(reuse).is_file():
         return Path(reuse)
-    path = tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors"
+    path = Path(reuse) if reuse else tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
     comfy_host.trainer_pack().train.random_checkpoint.write_random_sd15_checkpoint(path, seed=0)
     gc.collect()
     return path
