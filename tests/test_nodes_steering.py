@@ -66,7 +66,7 @@ def test_pack_registers_through_comfyuis_loader(pack):
     assert folder_paths.folder_names_and_paths["bps"][1] == {".safetensors"}
     apply_inputs = [i.id for i in comfy_nodes.NODE_CLASS_MAPPINGS["BPSApply"].GET_SCHEMA().inputs]
     assert apply_inputs == ["model", "bps_adapter", "image", "strength", "start_percent", "end_percent",
-                            "omega", "mask"]
+                            "omega", "mask", "uncond_multiplier"]
 
 
 @pytest.mark.parametrize("share_rows", [True, False])
