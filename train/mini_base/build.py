@@ -97,7 +97,9 @@ def train_mini_base(recipe: dict[str, Any] | None = None, *, progress: bool = Tr
     recipe = dict(recipe or DEFAULT_RECIPE)
     torch.manual_seed(recipe["seed"])
     model = build_model(recipe["unet_config"], initialise=True)
-    unet = model.model.diffusion_model
+    # Newer ComfyUI (0.33) builds its layers' parameters with requires_grad=False: a frozen UNet
+    # is all it ever runs. The mini base is the one UNet this pack trains.
+    unet = model.model.diffusion_model.requires_grad_(True)
     ema = copy.deepcopy(unet).requires_grad_(False)
     unet.train()
     ms = model.get_model_object("model_sampling")
