@@ -211,20 +211,20 @@ def _parse_metadata(path: str, raw: dict[str, str] | None) -> dict[str, Any]:
     return meta
 
 
-def _config_and_omega(path: str, meta: dict[str, Any]) -> tuple[BPSConfig, list[float], UNetShape]:
+def _metadata_object(path: str, meta: dict[str, Any], key: str, parse, what: str) -> Any:
+    """``parse(meta[key])`` for a metadata entry that must be a JSON object; AdapterError naming ``what``."""
     try:
-        if not isinstance(meta["config"], dict):
-            raise ValueError(f"{meta['config']!r} is not a JSON object")
-        config = BPSConfig.from_dict(meta["config"])
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{meta[key]!r} is not a JSON object")
+        return parse(meta[key])
     except (ValueError, TypeError) as e:
-        raise _fail(path, f"its architecture config is invalid ({e})", _RESAVE) from None
+        raise _fail(path, f"its {what} is invalid ({e})", _RESAVE) from None
+
+
+def _config_and_omega(path: str, meta: dict[str, Any]) -> tuple[BPSConfig, list[float], UNetShape]:
+    config = _metadata_object(path, meta, "config", BPSConfig.from_dict, "architecture config")
     if "unet" in meta:
-        try:
-            if not isinstance(meta["unet"], dict):
-                raise ValueError(f"{meta['unet']!r} is not a JSON object")
-            shape = UNetShape.from_dict(meta["unet"])
-        except (ValueError, TypeError) as e:
-            raise _fail(path, f"its UNet shape is invalid ({e})", _RESAVE) from None
+        shape = _metadata_object(path, meta, "unet", UNetShape.from_dict, "UNet shape")
         if meta["base_model"] != shape.family_key:
             raise _fail(path, f"its metadata contradicts itself: base model {meta['base_model']!r} but the UNet of "
                               f"{shape.family}", _RESAVE)
