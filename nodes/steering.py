@@ -161,11 +161,27 @@ def steered_unet_forward(model: comfy.model_patcher.ModelPatcher, x: Tensor, tim
     return model.model.diffusion_model(x, timesteps, context=context, transformer_options=options, **unet_kwargs)
 
 
+def differentiable_attention(func: Any, *args: Any, **kwargs: Any) -> Tensor:
+    """ComfyUI ``optimized_attention_override``: PyTorch's scaled_dot_product_attention, whatever
+    attention ComfyUI picked at start-up.
+
+    On a CPU ComfyUI picks its sub-quadratic attention, which splits the keys into chunks sized by
+    the RAM free at that moment and then exponentiates in place. Under training that breaks twice:
+    with little RAM free the backward pass fails ("exp(): functions with out=... arguments don't
+    support automatic differentiation"), and a gradient-checkpointed block recomputed with other
+    chunks gives other gradients. Every training forward therefore runs PyTorch's attention
+    (differentiable, memory-efficient on a GPU, the same numbers whatever memory is free).
+    """
+    from comfy.ldm.modules.attention import attention_pytorch
+    return attention_pytorch(*args, **kwargs)
+
+
 class SteeredForward:
     """Reusable differentiable steered-UNet forward for training, through :func:`attach`.
 
     The network stays under the caller's control (device, dtype, DDP, optimiser): it is not made
-    a ComfyUI-managed model; ComfyUI only loads the frozen UNet.
+    a ComfyUI-managed model; ComfyUI only loads the frozen UNet. Attention runs through
+    :func:`differentiable_attention` unless the model already sets an override.
 
     Example::
 
@@ -180,6 +196,8 @@ class SteeredForward:
         self.attachment = BPSAttachment(network, make_schedule([float(w) for w in omega], ports=port_map(shape)),
                                         unet_shape=shape)
         self.model = attach(model, self.attachment, manage_network=False)
+        self.model.model_options["transformer_options"].setdefault("optimized_attention_override",
+                                                                   differentiable_attention)
 
     def __call__(self, hint: Tensor, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None
                  ) -> Tensor:

@@ -298,6 +298,10 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_gradients(trainer, ba
     grad_checkpoint = importlib.import_module(f"{trainer.pack.__name__}.train.grad_checkpoint")
     net = comfy_host.steering_network(bps).train().requires_grad_(True)
     module = trainer.steered.SteeredUNet(net, base.model, trainer.steered.training_omega("paper"))
+    # ComfyUI's CPU attention chunks by the RAM free when it runs: a recomputed block would differ
+    steering = importlib.import_module(f"{trainer.pack.__name__}.nodes.steering")
+    assert module.steered_model.model_options["transformer_options"]["optimized_attention_override"] \
+        is steering.differentiable_attention
     g = torch.Generator().manual_seed(4)
     x, hint = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 1, 64, 64, generator=g)
     context, target = torch.randn(1, 77, 768, generator=g), torch.randn(1, 4, 8, 8, generator=g)
@@ -323,7 +327,9 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_gradients(trainer, ba
         net.gradient_checkpointing = False
     assert not any("forward" in m.__dict__ for m in unet.modules()), "the UNet patch was not undone"
     for a, b in zip(plain, checkpointed):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7 * float(a.abs().max()))
+        # recomputation sums in another order: float32 rounding (measured 8e-7 of the largest
+        # gradient), where a wrong recomputation moves gradients by percents
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
     for a, b in zip(plain, grads(torch.bfloat16)):
         assert torch.isfinite(b).all() and float((a - b).norm() / a.norm()) < 0.1
     del net, module
