@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .arg_types import non_negative_int, positive_int, resolution
+
 PRESETS = ("paper", "uniform", "E", "M", "D", "EM", "MD", "EMD")
 # Spelled out here (train.optimizers imports torch; --help must work without it).
 OPTIMIZER_KINDS = ("adamw", "adamw8bit", "adafactor")
@@ -78,27 +80,6 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _resolution(text: str) -> int:
-    value = int(text)
-    if value < 64 or value % 64:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 64 (64, 128, ..., 512, 768), got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's argument parser; every option's help states its default."""
     p = argparse.ArgumentParser(prog="train_bps.py", description=DESCRIPTION, epilog=EPILOG,
@@ -127,23 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "Default: off.")
 
     rec = p.add_argument_group("recipe")
-    rec.add_argument("--steps", type=_positive_int, default=None,
+    rec.add_argument("--steps", type=positive_int, default=None,
                      help="optimizer steps of the whole run (a resumed run stops here too). Default: as many "
                           "as --epochs takes.")
-    rec.add_argument("--epochs", type=_positive_int, default=None,
+    rec.add_argument("--epochs", type=positive_int, default=None,
                      help="passes over the data, used when --steps is not given. Default: 16 (official recipe).")
-    rec.add_argument("--resolution", type=_resolution, default=512,
+    rec.add_argument("--resolution", type=resolution, default=512,
                      help="training size: images are resized to about RES x RES pixels, sides multiples of 64, "
                           "keeping the data's aspect ratio (every image is centre-cropped to the first target's "
                           "aspect ratio). Default: 512. Use 1024 for SDXL.")
-    rec.add_argument("--batch-size", type=_positive_int, default=4,
+    rec.add_argument("--batch-size", type=positive_int, default=4,
                      help="pairs per forward pass per process. Default: 4 (x --grad-accum 4 = the official "
                           "batch of 16).")
-    rec.add_argument("--grad-accum", type=_positive_int, default=4,
+    rec.add_argument("--grad-accum", type=positive_int, default=4,
                      help="forward passes per optimizer step (gradients are summed). Default: 4.")
     rec.add_argument("--lr", type=float, default=1e-5, help="learning rate of the optimizer (--optimizer). Default: 1e-5.")
     rec.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay. Default: 0.01.")
-    rec.add_argument("--warmup-steps", type=_non_negative_int, default=0,
+    rec.add_argument("--warmup-steps", type=non_negative_int, default=0,
                      help="linear learning-rate warm-up steps, then constant. Default: 0.")
     rec.add_argument("--generic-prompt-prob", type=float, default=1 / 3,
                      help='chance of replacing the caption by "a high-quality, detailed, and professional '
@@ -179,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute B_phi blocks and the frozen UNet's ResBlocks/transformers in the "
                           "backward pass: much less activation memory, about 30%% slower. Default: off.")
-    run.add_argument("--num-workers", type=_non_negative_int, default=2,
+    run.add_argument("--num-workers", type=non_negative_int, default=2,
                      help="data loader worker processes (and threads for the data check). Default: 2.")
     run.add_argument("--optimizer", default="adamw", choices=OPTIMIZER_KINDS,
                      help="adamw: torch AdamW, two fp32 moments = 8 bytes per weight (5.0 GiB for B_phi; the "
@@ -201,22 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "explicitly win); prints what it chose. Default: off.")
 
     out = p.add_argument_group("checkpoints, logs and samples")
-    out.add_argument("--save-every", type=_non_negative_int, default=500,
+    out.add_argument("--save-every", type=non_negative_int, default=500,
                      help="write a resumable checkpoint every N steps (0 = only at the end or on Ctrl-C). "
                           "Default: 500.")
-    out.add_argument("--keep-checkpoints", type=_positive_int, default=2,
+    out.add_argument("--keep-checkpoints", type=positive_int, default=2,
                      help="how many recent checkpoints to keep. Default: 2.")
-    out.add_argument("--validate-every", type=_non_negative_int, default=0,
+    out.add_argument("--validate-every", type=non_negative_int, default=0,
                      help="every N steps (and at the end) render validation samples with ComfyUI's sampler "
                           "and the BPS-attached model, saved as PNGs in the checkpoint folder, and log the "
                           "own-vs-swapped condition eps-MSE (--validation-gap-pairs) (0 = off). Default: 0.")
-    out.add_argument("--validation-steps", type=_positive_int, default=12,
+    out.add_argument("--validation-steps", type=positive_int, default=12,
                      help="sampler steps of a validation sample. Default: 12.")
-    out.add_argument("--validation-count", type=_positive_int, default=2,
+    out.add_argument("--validation-count", type=positive_int, default=2,
                      help="how many training pairs (the first ones) are rendered. Default: 2.")
     out.add_argument("--validation-cfg", type=float, default=7.5,
                      help="classifier-free guidance of validation samples. Default: 7.5.")
-    out.add_argument("--validation-gap-pairs", type=_non_negative_int, default=8,
+    out.add_argument("--validation-gap-pairs", type=non_negative_int, default=8,
                      help="at every validation, the eps-MSE of the first N training pairs at 4 fixed timesteps "
                           "and noise with each pair's own condition and with another pair's (swapped), logged "
                           "as eps_own/eps_swapped/eps_base in loss.csv and drawn in loss.png: own below swapped "

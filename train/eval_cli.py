@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .arg_types import non_negative_int, positive_int, resolution
+
 DESCRIPTION = """\
 Evaluate a BPS adapter on held-out condition/image pairs: does it use its condition?
 
@@ -35,27 +37,6 @@ examples:
 SCORES = ("auto", "edges", "regions", "none")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _resolution(text: str) -> int:
-    value = int(text)
-    if value < 64 or value % 64:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 64 (64, 128, ..., 512, 768), got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The evaluation's argument parser; every option's help states its default."""
     p = argparse.ArgumentParser(prog="evaluate_bps.py", description=DESCRIPTION, epilog=EPILOG,
@@ -76,22 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate without the bad pairs instead of stopping with the list. Default: off.")
 
     gap = p.add_argument_group("condition gap (eps-MSE)")
-    gap.add_argument("--max-pairs", type=_positive_int, default=50,
+    gap.add_argument("--max-pairs", type=positive_int, default=50,
                      help="held-out pairs measured (the first N by name). Default: 50.")
-    gap.add_argument("--per-band", type=_positive_int, default=2,
+    gap.add_argument("--per-band", type=positive_int, default=2,
                      help="fixed timesteps in each band 0-250, 250-500, 500-750, 750-1000. Default: 2.")
-    gap.add_argument("--batch-size", type=_positive_int, default=4, help="items per UNet call. Default: 4.")
+    gap.add_argument("--batch-size", type=positive_int, default=4, help="items per UNet call. Default: 4.")
     gap.add_argument("--seed", type=int, default=0,
                      help="seed of the fixed noise, the swap and the samples. Default: 0.")
-    gap.add_argument("--resolution", type=_resolution, default=None,
+    gap.add_argument("--resolution", type=resolution, default=None,
                      help="evaluation size, as the trainer's --resolution. Default: the adapter's training "
                           "resolution (its provenance), else 512.")
 
     smp = p.add_argument_group("samples")
-    smp.add_argument("--samples", type=_non_negative_int, default=8,
+    smp.add_argument("--samples", type=non_negative_int, default=8,
                      help="pairs sampled for the grid and the agreement scores (0 = no sampling). Default: 8.")
-    smp.add_argument("--seeds", type=_positive_int, default=2, help="seeds per sampled pair. Default: 2.")
-    smp.add_argument("--steps", type=_positive_int, default=20, help="sampler steps. Default: 20.")
+    smp.add_argument("--seeds", type=positive_int, default=2, help="seeds per sampled pair. Default: 2.")
+    smp.add_argument("--steps", type=positive_int, default=20, help="sampler steps. Default: 20.")
     smp.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance. Default: 7.5.")
     smp.add_argument("--sampler", default="euler", help="ComfyUI sampler name. Default: euler.")
     smp.add_argument("--scheduler", default="normal", help="ComfyUI scheduler name. Default: normal.")

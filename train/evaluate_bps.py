@@ -18,10 +18,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _load_by_path(name: str, file: str):
-    """A file of train/ loaded standalone (it imports nothing of the pack)."""
+def _load_entry():
+    """train/train_bps.py loaded by path (it imports nothing heavy): the shared boot helpers."""
+    name = "comfyui_bps_train_entry"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / file)
+        spec = importlib.util.spec_from_file_location(name, HERE / "train_bps.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -40,9 +41,9 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None, **run_kwargs) -> int:
     """Command-line entry; returns the exit code (0 done, 1 error)."""
-    args = _load_by_path("comfyui_bps_eval_cli_standalone", "eval_cli.py").parse_args(argv)
+    entry = _load_entry()
+    args = entry.load_standalone("eval_cli").parse_args(argv)
     _setup_logging()
-    entry = _load_by_path("comfyui_bps_train_entry", "train_bps.py")
     entry.boot_comfyui(entry.find_comfyui())
     pack = entry.import_pack()
     evaluation = importlib.import_module(f"{pack.__name__}.train.evaluation")

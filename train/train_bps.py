@@ -29,16 +29,19 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_MODULE = "comfyui_bps"
 
 
-def _load_cli():
-    """train/cli.py loaded standalone (it imports nothing of the pack), for --help and arg errors."""
-    name = f"{PACK_MODULE}_cli_standalone"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "train" / "cli.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_standalone(module: str):
+    """A module of train/ that imports nothing of the pack beyond train/ itself (the command lines),
+    loaded without torch or ComfyUI, for ``--help`` and argument errors before ComfyUI boots.
+
+    train/ is loaded as a package of its own so that such modules import their siblings.
+    """
+    package = f"{PACK_MODULE}_train_standalone"
+    if package not in sys.modules:
+        spec = importlib.util.spec_from_file_location(package, PACK_ROOT / "train" / "__init__.py",
+                                                      submodule_search_locations=[str(PACK_ROOT / "train")])
+        sys.modules[package] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[package])
+    return importlib.import_module(f"{package}.{module}")
 
 
 def _is_comfyui(path: Path) -> bool:
@@ -119,7 +122,7 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None, **run_kwargs) -> int:
     """Command-line entry; returns the exit code (0 done, 1 error, 130 interrupted)."""
-    args = _load_cli().parse_args(argv)
+    args = load_standalone("cli").parse_args(argv)
     _setup_logging()
     boot_comfyui(find_comfyui())
     pack = import_pack()
