@@ -263,6 +263,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPE_FLAGS, default="fp32",
                         help="UNet and ControlNet weight dtype (default fp32); on the CPU fp16/bf16 store the "
                              "weights so and compute fp32, which halves their RAM (--base sdxl in 24 GB)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                        help="one more flag for ComfyUI's main.py, repeatable (e.g. --server-arg=--fp8_e4m3fn-text-enc "
+                             "stores the text encoders in 8 bits: they run once, their outputs are cached)")
     parser.add_argument("--no-residual-cache", action="store_true",
                         help="run the server with BPS_RESIDUAL_CACHE_MB=0: B_phi computed at every step")
     parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
@@ -283,7 +286,7 @@ def main() -> None:
         folder = Path(args.keep or tmp)
         write_model_files(folder, args.size, base)
         env = {"BPS_RESIDUAL_CACHE_MB": "0"} if args.no_residual_cache else {}
-        with ComfyServer(folder, extra_args=DTYPE_FLAGS[args.dtype], env=env) as server:
+        with ComfyServer(folder, extra_args=DTYPE_FLAGS[args.dtype] + args.server_arg, env=env) as server:
             server.add_model("checkpoints", args.ckpt, base.checkpoint_name)
             server.start()
             stats = server.get_json("/system_stats")
@@ -297,7 +300,10 @@ def main() -> None:
             print("# command: COMFYUI_PATH=... python bench/bench_server.py " + " ".join(sys.argv[1:]), flush=True)
             print(f"# server: main.py --cpu {' '.join(server.extra_args)}", flush=True)
             seed = 1000
-            for kind in WORKFLOWS:  # warm-up: every model loaded once
+            # Warm-up, every model loaded once, for the turn mode; the repeat mode's unrecorded
+            # switching prompts load each workflow's models before its recorded prompts anyway.
+            warm_up = WORKFLOWS if args.mode != "repeat" else ()
+            for kind in warm_up:
                 seed += 1
                 run_prompt(server, kind, seed, args)
             print(machine_line(server), flush=True)
