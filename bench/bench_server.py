@@ -298,7 +298,8 @@ def main() -> None:
                   f"python={platform.python_version()} device={device['name']} cores={os.cpu_count()}",
                   flush=True)
             print("# command: COMFYUI_PATH=... python bench/bench_server.py " + " ".join(sys.argv[1:]), flush=True)
-            print(f"# server: main.py --cpu {' '.join(server.extra_args)}", flush=True)
+            bps_env = " ".join(f"{k}={v}" for k, v in sorted({**os.environ, **env}.items()) if k.startswith("BPS_"))
+            print(f"# server: {bps_env} main.py --cpu {' '.join(server.extra_args)}", flush=True)
             seed = 1000
             # Warm-up, every model loaded once, for the turn mode; the repeat mode's unrecorded
             # switching prompts load each workflow's models before its recorded prompts anyway.
