@@ -1,12 +1,13 @@
 """Benchmark the path users run: ComfyUI's own server, API prompts, plain vs + BPS vs + ControlNet.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_server.py --ckpt sd15.safetensors [--size 256]
-        [--steps 3] [--repeats 3] [--mode both|turn|repeat] [--dtype fp16]
+        [--steps 3] [--repeats 3] [--mode both|turn|repeat] [--dtype fp16] [--base sd15|sdxl]
 
 Starts ComfyUI's ``main.py`` on a loopback port (tests/comfy_server.py) with this pack as a custom
-node, the SD1.5 checkpoint, a full-size adapter written as a file (random non-zero weights, fp16,
-as a converted official adapter is) and ComfyUI's SD1.5 ControlNet built from its config, written
-as a file. It then queues the API prompts a user would queue:
+node, the checkpoint (SD1.5, or SDXL with ``--base sdxl``), a full-size adapter for that base
+written as a file (random non-zero weights, fp16, as a converted official adapter is) and
+ComfyUI's ControlNet for that base built from its config, written as a file (bench/server_bases.py).
+It then queues the API prompts a user would queue:
 
     CheckpointLoaderSimple -> CLIPTextEncode x2 -> [LoadImage -> BPSLoader -> BPSApply |
     LoadImage + ControlNetLoader -> ControlNetApplyAdvanced] -> KSampler (euler, CFG 7.5) -> SaveLatent
@@ -26,9 +27,12 @@ nothing of it is cached, so its steps are the cost of computing B_phi at every s
 in the same run as the others. Both modes run the workflows in one order and then in the
 reverse one, so a machine that speeds up or slows down during the run favours none of them.
 
-It also counts the server's "Requested to load" log lines per prompt (model (re)loads). All
-figures are ratios measured in one run, so a busy machine slows all of them alike. ``--dtype``
-passes ComfyUI's ``--fp16-unet``/``--bf16-unet`` (GPU only; the CPU computes fp32); on a GPU the
+It also counts the server's "Requested to load" log lines per prompt (model (re)loads), and after
+each phase prints the load average, the server's resident memory (now and peak) and the machine's
+available memory. All figures are ratios measured in one run, so a busy machine slows all of them
+alike. ``--dtype`` passes ComfyUI's ``--fp16-unet``/``--bf16-unet``: a GPU computes in that dtype;
+the CPU stores the UNet's and the ControlNet's weights in it and computes fp32 (ComfyUI's manual
+cast, layer by layer), which halves their RAM (what fits a full-size SDXL in 24 GB); on a GPU the
 ``memory`` phase reports each workflow's peak device memory (torch's allocated bytes from the
 server's ``/system_stats``, polled while the prompt runs, after ``/free`` unloads every model, so
 each workflow loads only what it needs); it runs by default where the server computes on a GPU.
@@ -56,11 +60,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from bench.comfy_unet import comfyui_available, comfy_version  # noqa: E402
+from bench.server_bases import BASES, ServerBase, write_adapter, write_controlnet  # noqa: E402
 
 WORKFLOWS = ("plain", "bps", "bps_new_sketch", "controlnet")
 LABELS = {"plain": "plain", "bps": "BPS", "bps_new_sketch": "BPS, new sketch", "controlnet": "ControlNet"}
 DTYPE_FLAGS = {"fp32": [], "fp16": ["--fp16-unet"], "bf16": ["--bf16-unet"]}
-ADAPTER, CONTROLNET, IMAGE = "bench_sketch.safetensors", "bench_control_sd15.safetensors", "bench_sketch.png"
+IMAGE = "bench_sketch.png"
 
 
 def sketch_name(kind: str, seed: int) -> str:
@@ -91,10 +96,12 @@ def comfy_commit() -> str:
     return pinned.read_text().split()[0] + " (pinned copy)" if pinned.is_file() else "unknown commit"
 
 
-def prompt(kind: str, seed: int, size: int, steps: int, cfg: float) -> dict:
-    """The API prompt of one workflow."""
+def prompt(kind: str, seed: int, size: int, steps: int, cfg: float, base: ServerBase = BASES["sd15"]) -> dict:
+    """The API prompt of one workflow. The graph is the same for every base: CLIPTextEncode on an
+    SDXL checkpoint's CLIP gives both text encoders and the pooled output, and ComfyUI adds the
+    size conditioning (the latent's size) itself."""
     p = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base.checkpoint_name}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a house by a lake"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry, low quality"}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
@@ -106,12 +113,12 @@ def prompt(kind: str, seed: int, size: int, steps: int, cfg: float) -> dict:
     if kind != "plain":
         p["5"] = {"class_type": "LoadImage", "inputs": {"image": sketch_name(kind, seed)}}
     if kind.startswith("bps"):
-        p["6"] = {"class_type": "BPSLoader", "inputs": {"adapter_name": ADAPTER}}
+        p["6"] = {"class_type": "BPSLoader", "inputs": {"adapter_name": base.adapter_name}}
         p["9"] = {"class_type": "BPSApply", "inputs": {"model": ["1", 0], "bps_adapter": ["6", 0], "image": ["5", 0],
                                                        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
         p["7"]["inputs"]["model"] = ["9", 0]
     elif kind == "controlnet":
-        p["6"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+        p["6"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": base.controlnet_name}}
         p["9"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
             "positive": ["2", 0], "negative": ["3", 0], "control_net": ["6", 0], "image": ["5", 0],
             "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
@@ -119,33 +126,42 @@ def prompt(kind: str, seed: int, size: int, steps: int, cfg: float) -> dict:
     return p
 
 
-def write_model_files(base: Path, size: int) -> None:
-    """The adapter, the ControlNet and the sketch, as files a user would have."""
+def write_model_files(folder: Path, size: int, base: ServerBase) -> None:
+    """The adapter, the ControlNet and the sketch, as files a user would have (those not there yet)."""
+    for sub in ("models/bps", "models/controlnet", "input"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    if not (folder / "input" / IMAGE).is_file():
+        write_sketch(folder / "input" / IMAGE, size, seed=0)
+    adapter = folder / "models" / "bps" / base.adapter_name
+    control = folder / "models" / "controlnet" / base.controlnet_name
+    if adapter.is_file() and control.is_file():
+        return  # a --keep folder of an earlier run: no need to boot ComfyUI in this process
     import comfy_host
     from bench.comfy_unet import boot_comfyui
 
     pack = boot_comfyui()
-    bps = pack.bps
-    (base / "models" / "bps").mkdir(parents=True, exist_ok=True)
-    (base / "models" / "controlnet").mkdir(parents=True, exist_ok=True)
-    (base / "input").mkdir(parents=True, exist_ok=True)
-    net = comfy_host.steering_network(bps, seed=1)
-    bps.save_adapter(base / "models" / "bps" / ADAPTER, net, dtype=torch.float16)
-    del net
-    import comfy.cldm.cldm
-    import comfy.ops
-    from safetensors.torch import save_file
-    rc = pack.train.random_checkpoint
-    config = {k: v for k, v in rc.SD15_UNET_CONFIG.items() if k != "out_channels"}
-    control = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
-                                         dtype=torch.float32, device="cpu", **config)
-    rc._randomise(control, torch.Generator().manual_seed(2))
-    save_file({k: v.half().contiguous() for k, v in control.state_dict().items()},
-              str(base / "models" / "controlnet" / CONTROLNET))
-    del control
-    write_sketch(base / "input" / IMAGE, size, seed=0)
+    if not adapter.is_file():
+        write_adapter(pack, base, adapter)
+    if not control.is_file():
+        write_controlnet(pack, base, control)
     comfy_host.release_memory()
     gc.collect()
+
+
+def machine_line(server) -> str:
+    """Load average, the server's resident memory (now and peak: VmRSS, VmHWM) and the machine's
+    available memory, so a results file shows what else ran and that the server fitted in RAM."""
+    parts = ["load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())]
+    try:
+        status = Path(f"/proc/{server.process.pid}/status").read_text().splitlines()
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
+        parts.append(f"server RSS {kib['VmRSS'] / 2 ** 20:.1f} GiB (peak {kib['VmHWM'] / 2 ** 20:.1f} GiB)")
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
+        parts.append(f"machine MemAvailable {available / 2 ** 20:.1f} GiB")
+    except (OSError, AttributeError, KeyError, StopIteration, ValueError):
+        pass  # not Linux: the load average alone
+    return "# " + "; ".join(parts)
 
 
 class Run:
@@ -192,7 +208,7 @@ def run_prompt(server, kind: str, seed: int, args, *, memory: bool = False) -> R
     log_before = server.log_path.stat().st_size
     poller = MemoryPoller(server) if memory else contextlib.nullcontext()
     with poller:
-        result = server.run(prompt(kind, seed, args.size, args.steps, args.cfg), timeout=1800)
+        result = server.run(prompt(kind, seed, args.size, args.steps, args.cfg, BASES[args.base]), timeout=1800)
     with open(server.log_path, "rb") as f:
         f.seek(log_before)
         loads = f.read().decode(errors="replace").count("Requested to load")
@@ -235,47 +251,63 @@ def rounds(order: tuple[str, ...], repeats: int) -> list[tuple[str, ...]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=os.environ.get("BPS_TEST_SD15_CKPT"),
-                        help="SD1.5 checkpoint (default $BPS_TEST_SD15_CKPT; train/random_checkpoint.py writes one)")
+    parser.add_argument("--base", choices=BASES, default="sd15",
+                        help="the checkpoint's base model, which picks the adapter and ControlNet written (default sd15)")
+    parser.add_argument("--ckpt", help="the base's checkpoint (sd15 default: $BPS_TEST_SD15_CKPT; "
+                                       "train/random_checkpoint.py writes random ones)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--steps", type=int, default=3, help="sampling steps per prompt (default 3)")
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=3, help="recorded prompts per workflow and mode (default 3)")
     parser.add_argument("--mode", choices=("both", "turn", "repeat"), default="both")
-    parser.add_argument("--dtype", choices=DTYPE_FLAGS, default="fp32", help="UNet dtype (fp16/bf16: GPU only)")
+    parser.add_argument("--dtype", choices=DTYPE_FLAGS, default="fp32",
+                        help="UNet and ControlNet weight dtype (default fp32); on the CPU fp16/bf16 store the "
+                             "weights so and compute fp32, which halves their RAM (--base sdxl in 24 GB)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                        help="one more flag for ComfyUI's main.py, repeatable (e.g. --server-arg=--fp8_e4m3fn-text-enc "
+                             "stores the text encoders in 8 bits: they run once, their outputs are cached)")
     parser.add_argument("--no-residual-cache", action="store_true",
                         help="run the server with BPS_RESIDUAL_CACHE_MB=0: B_phi computed at every step")
     parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
                         help="peak device memory per workflow after /free (auto: where the server runs on a GPU)")
     parser.add_argument("--keep", help="use this folder as the server's base directory and keep it")
     args = parser.parse_args()
+    base = BASES[args.base]
+    args.ckpt = args.ckpt or (os.environ.get(base.ckpt_env) if base.ckpt_env else None)
     if not comfyui_available():
         sys.exit("bench_server needs the real ComfyUI: set COMFYUI_PATH to a ComfyUI checkout")
     if not args.ckpt or not Path(args.ckpt).is_file():
-        sys.exit("give an SD1.5 checkpoint: --ckpt FILE or BPS_TEST_SD15_CKPT (python -c 'from "
-                 "train.random_checkpoint import write_random_sd15_checkpoint' writes a random one)")
+        default = f" or {base.ckpt_env}" if base.ckpt_env else ""
+        sys.exit(f"give an {base.label} checkpoint: --ckpt FILE{default} (train.random_checkpoint."
+                 f"{base.ckpt_writer} writes a random one)")
     from comfy_server import ComfyServer
 
     with tempfile.TemporaryDirectory(prefix="bps_bench_server_") as tmp:
-        base = Path(args.keep or tmp)
-        if not (base / "models" / "bps" / ADAPTER).is_file():
-            write_model_files(base, args.size)
+        folder = Path(args.keep or tmp)
+        write_model_files(folder, args.size, base)
         env = {"BPS_RESIDUAL_CACHE_MB": "0"} if args.no_residual_cache else {}
-        with ComfyServer(base, extra_args=DTYPE_FLAGS[args.dtype], env=env) as server:
-            server.add_model("checkpoints", args.ckpt, "sd15.safetensors")
+        with ComfyServer(folder, extra_args=DTYPE_FLAGS[args.dtype] + args.server_arg, env=env) as server:
+            server.add_model("checkpoints", args.ckpt, base.checkpoint_name)
             server.start()
             stats = server.get_json("/system_stats")
             device = stats["devices"][0]
-            print(f"# bench_server size={args.size} steps={args.steps} cfg={args.cfg} repeats={args.repeats} "
+            print(f"# bench_server base={args.base} size={args.size} steps={args.steps} cfg={args.cfg} "
+                  f"repeats={args.repeats} "
                   f"dtype={args.dtype} residual_cache={not args.no_residual_cache} comfyui={comfy_version()} "
                   f"({comfy_commit()}) torch={stats['system']['pytorch_version']} "
                   f"python={platform.python_version()} device={device['name']} cores={os.cpu_count()}",
                   flush=True)
             print("# command: COMFYUI_PATH=... python bench/bench_server.py " + " ".join(sys.argv[1:]), flush=True)
+            bps_env = " ".join(f"{k}={v}" for k, v in sorted({**os.environ, **env}.items()) if k.startswith("BPS_"))
+            print(f"# server: {bps_env} main.py --cpu {' '.join(server.extra_args)}", flush=True)
             seed = 1000
-            for kind in WORKFLOWS:  # warm-up: every model loaded once
+            # Warm-up, every model loaded once, for the turn mode; the repeat mode's unrecorded
+            # switching prompts load each workflow's models before its recorded prompts anyway.
+            warm_up = WORKFLOWS if args.mode != "repeat" else ()
+            for kind in warm_up:
                 seed += 1
                 run_prompt(server, kind, seed, args)
+            print(machine_line(server), flush=True)
             reports = []
             if args.mode in ("both", "turn"):
                 print("# (a) the workflows in turn", flush=True)
@@ -284,6 +316,7 @@ def main() -> None:
                     for kind in order:
                         seed += 1
                         runs.append(run_prompt(server, kind, seed, args))
+                print(machine_line(server), flush=True)
                 reports.append(table(f"(a) the workflows in turn, {args.size}x{args.size}, {args.steps} steps", runs))
             if args.mode in ("both", "repeat"):
                 print("# (b) each workflow repeated with new seeds", flush=True)
@@ -296,6 +329,7 @@ def main() -> None:
                         for _ in range(per_block):
                             seed += 1
                             runs.append(run_prompt(server, kind, seed, args))
+                print(machine_line(server), flush=True)
                 reports.append(table(f"(b) the same workflow re-run with a new seed, {args.size}x{args.size}, "
                                      f"{args.steps} steps", runs))
             if args.memory == "on" or (args.memory == "auto" and device["type"] == "cuda"):
@@ -305,6 +339,7 @@ def main() -> None:
                     server.free_memory()
                     seed += 1
                     runs.append(run_prompt(server, kind, seed, args, memory=True))
+                print(machine_line(server), flush=True)
                 reports.append(memory_table(f"(c) peak device memory after /free, {args.size}x{args.size}, "
                                             f"{args.dtype}, {device['name']}", runs))
             print("\n\n".join(reports), flush=True)

@@ -43,3 +43,25 @@ def test_table_reports_medians_as_ratios_to_plain():
     assert rows["BPS"][3] == "1.000" and rows["BPS"][6] == "1.100"
     assert rows["BPS, new sketch"][5:7] == ["2.800", "1.400"]
     assert rows["ControlNet"][3] == "1.818" and rows["ControlNet"][7] == "1.0"
+
+
+def test_each_base_names_its_own_checkpoint_adapter_and_controlnet():
+    bases = bench_server.BASES
+    sd15 = bench_server.prompt("bps", 1, 256, 3, 7.5)  # the default base is SD1.5, as before --base
+    assert sd15 == bench_server.prompt("bps", 1, 256, 3, 7.5, bases["sd15"])
+    assert sd15["1"]["inputs"]["ckpt_name"] == "sd15.safetensors"
+    assert sd15["6"]["inputs"]["adapter_name"] == "bench_sketch.safetensors"
+    xl = {k: bench_server.prompt(k, 1, 256, 3, 7.5, bases["sdxl"]) for k in bench_server.WORKFLOWS}
+    assert {p["1"]["inputs"]["ckpt_name"] for p in xl.values()} == {"sdxl.safetensors"}
+    assert xl["bps"]["6"]["inputs"]["adapter_name"] == "bench_sketch_sdxl.safetensors"
+    assert xl["controlnet"]["6"]["inputs"]["control_net_name"] == "bench_control_sdxl.safetensors"
+    names = [getattr(b, f) for b in bases.values() for f in ("checkpoint_name", "adapter_name", "controlnet_name")]
+    assert len(set(names)) == len(names)  # one --keep folder can hold both bases' files
+
+
+def test_the_sdxl_adapter_follows_the_port_rule_for_sdxl():
+    bps = pytest.importorskip("bps")
+    xl, sd15 = bench_server.BASES["sdxl"], bench_server.BASES["sd15"]
+    assert xl.unet_shape(bps) == bps.SDXL_SHAPE and sd15.unet_shape(bps) == bps.SD15_SHAPE
+    assert len(bps.port_map(xl.unet_shape(bps)).names) == 16
+    assert bps.BPSConfig.for_unet(xl.unet_shape(bps)).channel_mult == (1, 2, 4)
