@@ -9,7 +9,8 @@ ones gets whatever it supports.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import inspect
+from typing import Any, Sequence
 
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -24,6 +25,16 @@ def search_aliases(aliases: Sequence[str]) -> dict:
     API has them (``io.Schema(..., **search_aliases([...]))``), and nothing on older ComfyUI, whose
     Schema refuses the keyword."""
     return {"search_aliases": list(aliases)} if SCHEMA_HAS_SEARCH_ALIASES else {}
+
+
+def checkpoint_state_dict(base: Any, clip_state_dict: dict, vae_state_dict: dict) -> dict:
+    """A checkpoint's state dict (UNet, text encoders, VAE) from a ComfyUI ``BaseModel``, as the
+    checkpoint savers write it: ``BaseModel.state_dict_for_saving`` reads the UNet's weights itself
+    in 0.8.0 and takes them as its first argument in 0.33.0."""
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        return base.state_dict_for_saving(base.diffusion_model.state_dict(), clip_state_dict=clip_state_dict,
+                                          vae_state_dict=vae_state_dict)
+    return base.state_dict_for_saving(clip_state_dict=clip_state_dict, vae_state_dict=vae_state_dict)
 
 
 def window_frames(transformer_options: dict, rows_per_chunk: int) -> tuple[list[int], int] | None:

@@ -62,3 +62,17 @@ def test_an_sd15_adapter_is_refused_on_the_mini_base_naming_both(mini):
         base_check.check_model_fits(model, sd15, "sketch.safetensors")
     text = str(e.value)
     assert "model_channels 32" in text and "sketch.safetensors" in text and "320" in text
+
+
+def test_checkpoint_state_dict_holds_the_unet_on_this_comfyui(mini):
+    """nodes.comfy_compat.checkpoint_state_dict (what the random checkpoints are written with) gives
+    the checkpoint savers' layout on 0.8.0, whose state_dict_for_saving reads the UNet itself, and on
+    0.33.0, where it takes the UNet's weights as an argument."""
+    compat, model_file = mini("nodes.comfy_compat"), mini("train.mini_base.model_file")
+    torch.manual_seed(0)
+    base = model_file.build_model(initialise=True).model
+    sd = compat.checkpoint_state_dict(base, {}, {"encoder.conv_in.weight": torch.ones(3)})
+    unet = base.diffusion_model.state_dict()
+    assert {k for k in sd if k.startswith("model.diffusion_model.")} == {f"model.diffusion_model.{k}" for k in unet}
+    assert all(torch.equal(sd[f"model.diffusion_model.{k}"], v) for k, v in unet.items())
+    assert torch.equal(sd["first_stage_model.encoder.conv_in.weight"], torch.ones(3))

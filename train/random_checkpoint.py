@@ -119,6 +119,8 @@ def random_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     import comfy.model_detection
     import comfy.sd1_clip
 
+    from ..nodes import comfy_compat
+
     generator = torch.Generator().manual_seed(seed)
     model_config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET_CONFIG))
     model_config.set_inference_dtype(torch.float32, None)
@@ -133,7 +135,7 @@ def random_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
     _randomise(vae, generator)
 
-    sd = base.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae.state_dict())
+    sd = comfy_compat.checkpoint_state_dict(base, clip_sd, vae.state_dict())
     return sd
 
 
@@ -222,6 +224,8 @@ def random_sdxl_state_dict(unet_config: dict | None = None, *, prediction: str =
     import comfy.ldm.models.autoencoder
     import comfy.sdxl_clip
 
+    from ..nodes import comfy_compat
+
     generator = torch.Generator().manual_seed(seed)
     model_config = _sdxl_model_config(unet_config)
     model_config.set_inference_dtype(dtype, None)
@@ -236,7 +240,7 @@ def random_sdxl_state_dict(unet_config: dict | None = None, *, prediction: str =
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
     _randomise(vae, generator)
 
-    sd = base.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae.to(dtype).state_dict())
+    sd = comfy_compat.checkpoint_state_dict(base, clip_sd, vae.to(dtype).state_dict())
     return sd
 
 
