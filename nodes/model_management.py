@@ -42,6 +42,28 @@ def adapter_model_patcher(network: BPSNetwork, source: str | None = None) -> com
     return patcher
 
 
+#: id(owner) -> the patcher :func:`patcher_owned_by` keeps alive for as long as the owner lives.
+_OWNED_PATCHERS: dict[int, comfy.model_patcher.ModelPatcher] = {}
+
+
+def patcher_owned_by(owner: object, network: BPSNetwork, source: str | None = None) -> comfy.model_patcher.ModelPatcher:
+    """:func:`adapter_model_patcher` of ``network``, kept alive for as long as ``owner`` (the loaded
+    adapter that holds ``network``) lives.
+
+    ComfyUI's executor keeps a Load BPS Adapter output (the adapter, and so its network) across
+    prompts while every new Apply BPS output replaces the steered model that held the patcher. A
+    patcher that dies while its network lives is what core's model management reports as a memory
+    leak: it warns, keeps counting the dead entry as loaded memory, and the next prompt loads a
+    second patcher of the same weights, unloading other models to make room for it.
+    """
+    patcher = adapter_model_patcher(network, source)
+    key = id(owner)
+    if key not in _OWNED_PATCHERS:
+        weakref.finalize(owner, _OWNED_PATCHERS.pop, key, None)
+    _OWNED_PATCHERS[key] = patcher
+    return patcher
+
+
 def _new_patcher(network: BPSNetwork, patcher_class: type) -> comfy.model_patcher.ModelPatcher:
     return patcher_class(network, load_device=comfy.model_management.get_torch_device(),
                          offload_device=comfy.model_management.unet_offload_device())

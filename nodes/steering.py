@@ -41,7 +41,8 @@ from .attachment import WRAPPER_KEY_PREFIX, BPSAttachment, SteeringWrapper
 from .base_check import check_model_fits, describe_model, model_unet_shape
 from .hint_fit import LUMA, fit_image, prepare_hint_channels
 from .injection import RESIDUALS_KEY, BPSInjectionPoint, install_injection_points
-from .model_management import adapter_model_patcher, network_in_dtype, residual_cache, unet_compute_dtype
+from .model_management import (adapter_model_patcher, network_in_dtype, patcher_owned_by, residual_cache,
+                               unet_compute_dtype)
 
 __all__ = [
     "BPSAttachment", "BPSInjectionPoint", "LUMA", "RESIDUALS_KEY", "SteeredForward", "WRAPPER_KEY_PREFIX",
@@ -82,8 +83,6 @@ def attach(model: comfy.model_patcher.ModelPatcher, attachment: BPSAttachment, *
     return steered
 
 
-_RESIDUAL_CACHE: ResidualCache | None = None
-
 def attach_bps(model: comfy.model_patcher.ModelPatcher, adapter: Any, hint: Tensor, schedule: OmegaSchedule,
                mask: Tensor | None = None, *, share_rows: bool = True,
                cache: ResidualCache | None | str = "process",
@@ -116,6 +115,8 @@ def attach_bps(model: comfy.model_patcher.ModelPatcher, adapter: Any, hint: Tens
                                mask=mask, share_rows=share_rows, uncond_multiplier=float(uncond_multiplier),
                                source=_file_source(adapter, network),
                                residual_cache=residual_cache() if cache == "process" else cache)
+    if network is adapter.network:  # a cast copy lives and dies with the steered models instead
+        patcher_owned_by(adapter, network, attachment.source)
     name = getattr(adapter, "path", None)
     return attach(model, attachment, adapter_name=str(name).replace("\\", "/").rsplit("/", 1)[-1] if name else None)
 

@@ -127,3 +127,30 @@ def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, 
             p.mul_(0.5)
     assert not torch.equal(_forward(steering, clone, x, context, t), before)
     assert torch.equal(_forward(steering, steered, x, context, t), before)
+
+
+def test_the_adapter_keeps_its_patcher_for_as_long_as_a_node_output_holds_it(pack, steering, sd15, full_adapter,
+                                                                              tmp_path):
+    """ComfyUI's executor keeps Load BPS Adapter's output (the adapter) across prompts while every
+    new Apply BPS output replaces the steered model that held the adapter's patcher. Core's model
+    management calls a patcher that died while its network lives a memory leak (a warning, the dead
+    entry still counted as loaded, a second patcher of the same weights at the next prompt), so the
+    patcher must live exactly as long as the adapter."""
+    import gc
+    import weakref
+    import comfy.model_management
+    adapter = _file_adapter(pack, full_adapter, tmp_path / "sketch.safetensors")
+    schedule = pack.bps.make_schedule(adapter.omega)
+    steered = steering.attach_bps(sd15, adapter, _hint(), schedule, cache=None)
+    comfy.model_management.load_models_gpu([steered])
+    patcher = weakref.ref(steered.additional_models[_bps_key(steered)][0])
+    del steered
+    gc.collect()
+    assert patcher() is not None
+    assert not any(m.is_dead() for m in comfy.model_management.current_loaded_models)
+    again = steering.attach_bps(sd15, adapter, _hint(), schedule, cache=None)
+    assert again.additional_models[_bps_key(again)][0] is patcher()  # one patcher per network, not a second
+    del again, adapter
+    gc.collect()
+    assert patcher() is None, "the patcher outlived the adapter that held it"
+    comfy_host.release_memory()
