@@ -46,9 +46,10 @@ from .model_management import (adapter_model_patcher, network_in_dtype, patcher_
 
 __all__ = [
     "BPSAttachment", "BPSInjectionPoint", "LUMA", "RESIDUALS_KEY", "SteeredForward", "WRAPPER_KEY_PREFIX",
-    "adapter_model_patcher", "attach", "attach_bps", "check_model_fits", "describe_model", "fit_image",
-    "model_unet_shape", "network_in_dtype", "prepare_hint_channels", "residual_cache", "steered_unet_forward",
-    "transformer_options_for", "unet_compute_dtype",
+    "adapter_model_patcher", "attach", "attach_bps", "check_model_fits", "describe_model",
+    "differentiable_attention", "fit_image", "model_unet_shape", "network_in_dtype", "prepare_hint_channels",
+    "residual_cache", "steered_unet_forward", "transformer_options_for", "unet_compute_dtype",
+    "use_training_attention",
 ]
 
 
@@ -177,6 +178,14 @@ def differentiable_attention(func: Any, *args: Any, **kwargs: Any) -> Tensor:
     return attention_pytorch(*args, **kwargs)
 
 
+def use_training_attention(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
+    """Make ``model`` (a clone the caller owns) run :func:`differentiable_attention` unless it
+    already sets an attention override; returns it. Every forward a training loss or an eps-MSE
+    comparison sees goes through this, so a steered and a plain forward differ only by the residuals."""
+    model.model_options["transformer_options"].setdefault("optimized_attention_override", differentiable_attention)
+    return model
+
+
 class SteeredForward:
     """Reusable differentiable steered-UNet forward for training, through :func:`attach`.
 
@@ -196,9 +205,7 @@ class SteeredForward:
         shape = unet_shape or model_unet_shape(model)
         self.attachment = BPSAttachment(network, make_schedule([float(w) for w in omega], ports=port_map(shape)),
                                         unet_shape=shape)
-        self.model = attach(model, self.attachment, manage_network=False)
-        self.model.model_options["transformer_options"].setdefault("optimized_attention_override",
-                                                                   differentiable_attention)
+        self.model = use_training_attention(attach(model, self.attachment, manage_network=False))
 
     def __call__(self, hint: Tensor, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None
                  ) -> Tensor:
