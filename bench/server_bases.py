@@ -47,7 +47,7 @@ BASES = {
 def write_adapter(pack, base: ServerBase, path: Path) -> None:
     """A full-size adapter for ``base`` whose zero convs are not zero (so it really steers), as fp16.
 
-    The network follows the port rule for the base's UNet (``BPSConfig.for_unet``): 13 ports for
+    The network follows the port rule for the base's UNet (``BPSConfig.for_unet``): 21 ports for
     SD1.5, 16 for SDXL.
     """
     import comfy_host
