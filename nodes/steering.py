@@ -49,7 +49,6 @@ __all__ = [
     "adapter_model_patcher", "attach", "attach_bps", "check_model_fits", "describe_model",
     "differentiable_attention", "fit_image", "model_unet_shape", "network_in_dtype", "prepare_hint_channels",
     "residual_cache", "steered_unet_forward", "transformer_options_for", "unet_compute_dtype",
-    "use_training_attention",
 ]
 
 
@@ -165,33 +164,23 @@ def steered_unet_forward(model: comfy.model_patcher.ModelPatcher, x: Tensor, tim
 
 def differentiable_attention(func: Any, *args: Any, **kwargs: Any) -> Tensor:
     """ComfyUI ``optimized_attention_override``: PyTorch's scaled_dot_product_attention, whatever
-    attention ComfyUI picked at start-up.
+    attention ComfyUI picked at start-up (the mini base sets it on its model).
 
     On a CPU ComfyUI picks its sub-quadratic attention, which splits the keys into chunks sized by
-    the RAM free at that moment and then exponentiates in place. Under training that breaks twice:
-    with little RAM free the backward pass fails ("exp(): functions with out=... arguments don't
-    support automatic differentiation"), and a gradient-checkpointed block recomputed with other
-    chunks gives other gradients. Every training forward therefore runs PyTorch's attention
-    (differentiable, memory-efficient on a GPU, the same numbers whatever memory is free).
+    the RAM free at that moment and then exponentiates in place: with little RAM free the backward
+    pass fails ("exp(): functions with out=... arguments don't support automatic differentiation").
+    PyTorch's attention is differentiable whatever memory is free. The SD1.5/SDXL trainer keeps
+    ComfyUI's choice, the attention its models sample with.
     """
     from comfy.ldm.modules.attention import attention_pytorch
     return attention_pytorch(*args, **kwargs)
-
-
-def use_training_attention(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
-    """Make ``model`` (a clone the caller owns) run :func:`differentiable_attention` unless it
-    already sets an attention override; returns it. Every forward a training loss or an eps-MSE
-    comparison sees goes through this, so a steered and a plain forward differ only by the residuals."""
-    model.model_options["transformer_options"].setdefault("optimized_attention_override", differentiable_attention)
-    return model
 
 
 class SteeredForward:
     """Reusable differentiable steered-UNet forward for training, through :func:`attach`.
 
     The network stays under the caller's control (device, dtype, DDP, optimiser): it is not made
-    a ComfyUI-managed model; ComfyUI only loads the frozen UNet. Attention runs through
-    :func:`differentiable_attention` unless the model already sets an override.
+    a ComfyUI-managed model; ComfyUI only loads the frozen UNet.
 
     Example::
 
@@ -205,7 +194,7 @@ class SteeredForward:
         shape = unet_shape or model_unet_shape(model)
         self.attachment = BPSAttachment(network, make_schedule([float(w) for w in omega], ports=port_map(shape)),
                                         unet_shape=shape)
-        self.model = use_training_attention(attach(model, self.attachment, manage_network=False))
+        self.model = attach(model, self.attachment, manage_network=False)
 
     def __call__(self, hint: Tensor, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None
                  ) -> Tensor:

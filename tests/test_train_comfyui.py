@@ -298,10 +298,6 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_gradients(trainer, ba
     grad_checkpoint = importlib.import_module(f"{trainer.pack.__name__}.train.grad_checkpoint")
     net = comfy_host.steering_network(bps).train().requires_grad_(True)
     module = trainer.steered.SteeredUNet(net, base.model, trainer.steered.training_omega("paper"))
-    # ComfyUI's CPU attention chunks by the RAM free when it runs: a recomputed block would differ
-    steering = importlib.import_module(f"{trainer.pack.__name__}.nodes.steering")
-    assert module.steered_model.model_options["transformer_options"]["optimized_attention_override"] \
-        is steering.differentiable_attention
     g = torch.Generator().manual_seed(4)
     x, hint = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 1, 64, 64, generator=g)
     context, target = torch.randn(1, 77, 768, generator=g), torch.randn(1, 4, 8, 8, generator=g)
@@ -403,21 +399,9 @@ def test_resuming_a_checkpoint_of_the_old_parameter_order_is_refused_with_the_fi
                      {}, None, None, None, None)
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(trainer, base_holder, sd15_ckpt,
-                                                                                tmp_path, shared_cache):
-    """2 steps straight == Ctrl-C after step 1 (checkpoint) + --resume, on the built-in demo set:
-    same fp32 weights, same losses. Two accumulation steps exercise the data order; --omega E
-    (encoder ports only) keeps the checkpoint at 4.6 GB instead of 8 GB of AdamW state."""
-    entry, loop, base = trainer.entry, trainer.loop, base_holder["base"]
-    common = ["--ckpt", str(sd15_ckpt), "--steps", "2", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-4",
-              "--omega", "E", "--save-every", "0", "--cache-dir", str(shared_cache), "--seed", "7", *FAST]
-    got = {}
-
-    def keep(name):
-        return lambda net: got.__setitem__(name, _digest(net))
-
-    straight = tmp_path / "straight.safetensors"
-    assert entry.main(common + ["--out", str(straight)], base=base,
+def _straight_and_split_runs(entry, loop, base, common, tmp_path, keep, trainer) -> None:
+    """2 steps straight, then 1 step stopped by a real Ctrl-C and resumed for the second."""
+    assert entry.main(common + ["--out", str(tmp_path / "straight.safetensors")], base=base,
                       hooks=loop.Hooks(on_train_end=keep("straight"))) == 0
 
     def ctrl_c_after_first_step(step, loss):
@@ -432,7 +416,33 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tr
     assert entry.main(common + ["--out", str(split), "--resume"], base=base,
                       hooks=loop.Hooks(on_train_end=keep("split"))) == 0
 
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(trainer, base_holder, sd15_ckpt,
+                                                                                tmp_path, shared_cache):
+    """2 steps straight == Ctrl-C after step 1 (checkpoint) + --resume, on the built-in demo set:
+    same fp32 weights, same losses. Two accumulation steps exercise the data order; --omega E
+    (encoder ports only) keeps the checkpoint at 4.6 GB instead of 8 GB of AdamW state."""
+    entry, loop, base = trainer.entry, trainer.loop, base_holder["base"]
+    common = ["--ckpt", str(sd15_ckpt), "--steps", "2", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-4",
+              "--omega", "E", "--save-every", "0", "--cache-dir", str(shared_cache), "--seed", "7", *FAST]
+    got = {}
+
+    def keep(name):
+        return lambda net: got.__setitem__(name, _digest(net))
+
+    # One CPU thread: with two, the straight and the resumed run differed in the last bits on the
+    # 2-core CI machine and agreed with one, so the difference comes from threaded CPU kernels, not
+    # from the trainer's state, which is what this test is about (weights, optimizer, RNG, data order).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _straight_and_split_runs(entry, loop, base, common, tmp_path, keep, trainer)
+    finally:
+        torch.set_num_threads(threads)
+
     assert got["straight"] == got["split"]
+
+    straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
     a, b = (p.with_name(p.stem + "_checkpoints") / "loss.csv" for p in (straight, split))
     assert [r.split(",")[:2] for r in a.read_text().splitlines()] == [r.split(",")[:2] for r in
                                                                       b.read_text().splitlines()]

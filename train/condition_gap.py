@@ -364,15 +364,13 @@ def measure_condition_gap(steered: SteeredEps, base: BaseEps | Tensor, latents: 
 
 def comfy_base_forward(model: Any) -> BaseEps:
     """``base(x, timestep, context) -> eps`` of a ComfyUI MODEL's UNet alone, run the way the sampler
-    runs it (its transformer_options and wrappers) with the attention of the steered forward
-    (:func:`nodes.steering.use_training_attention`); loads the model through ComfyUI's model
+    runs it (its transformer_options and wrappers); loads the model through ComfyUI's model
     management first, so it may be called between steered calls. Inputs go to the UNet's device."""
     import comfy.model_management
 
     from ..nodes import steering
 
     device = comfy.model_management.get_torch_device()
-    model = steering.use_training_attention(model.clone())  # the attention the steered forward runs
 
     def base(x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
         comfy.model_management.load_models_gpu([model])
