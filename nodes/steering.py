@@ -46,9 +46,9 @@ from .model_management import (adapter_model_patcher, network_in_dtype, patcher_
 
 __all__ = [
     "BPSAttachment", "BPSInjectionPoint", "LUMA", "RESIDUALS_KEY", "SteeredForward", "WRAPPER_KEY_PREFIX",
-    "adapter_model_patcher", "attach", "attach_bps", "check_model_fits", "describe_model",
-    "differentiable_attention", "fit_image", "model_unet_shape", "network_in_dtype", "prepare_hint_channels",
-    "residual_cache", "steered_unet_forward", "transformer_options_for", "unet_compute_dtype",
+    "adapter_model_patcher", "attach", "attach_bps", "check_model_fits", "describe_model", "fit_image",
+    "model_unet_shape", "network_in_dtype", "prepare_hint_channels", "residual_cache", "steered_unet_forward",
+    "transformer_options_for", "unet_compute_dtype",
 ]
 
 
@@ -160,20 +160,6 @@ def steered_unet_forward(model: comfy.model_patcher.ModelPatcher, x: Tensor, tim
     if cond_or_uncond is not None:
         options["cond_or_uncond"] = list(cond_or_uncond)
     return model.model.diffusion_model(x, timesteps, context=context, transformer_options=options, **unet_kwargs)
-
-
-def differentiable_attention(func: Any, *args: Any, **kwargs: Any) -> Tensor:
-    """ComfyUI ``optimized_attention_override``: PyTorch's scaled_dot_product_attention, whatever
-    attention ComfyUI picked at start-up (the mini base sets it on its model).
-
-    On a CPU ComfyUI picks its sub-quadratic attention, which splits the keys into chunks sized by
-    the RAM free at that moment and then exponentiates in place: with little RAM free the backward
-    pass fails ("exp(): functions with out=... arguments don't support automatic differentiation").
-    PyTorch's attention is differentiable whatever memory is free. The SD1.5/SDXL trainer keeps
-    ComfyUI's choice, the attention its models sample with.
-    """
-    from comfy.ldm.modules.attention import attention_pytorch
-    return attention_pytorch(*args, **kwargs)
 
 
 class SteeredForward:

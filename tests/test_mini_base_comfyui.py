@@ -35,10 +35,9 @@ def test_mini_base_file_loads_through_the_trainer_with_its_stand_ins(mini, tmp_p
     assert base.encode_images(torch.rand(2, 128, 128, 3)).shape == (2, 4, 16, 16)
     assert torch.equal(base.encode_text("a red star"), base.encode_text(""))
     assert base.unet_shape.context_dim == 64 and base.unet_shape.model_channels == 32
-    # every layer's attention is PyTorch's, whatever ComfyUI chose (steering.differentiable_attention)
-    steering = mini("nodes.steering")
+    # every layer's attention is PyTorch's, whatever ComfyUI chose (model_file.pytorch_attention)
     assert base.model.model_options["transformer_options"]["optimized_attention_override"] is \
-        steering.differentiable_attention
+        model_file.pytorch_attention
 
 
 def test_a_broken_mini_base_file_is_refused_with_the_fix(mini, tmp_path):

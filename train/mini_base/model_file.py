@@ -53,8 +53,6 @@ def build_model(unet_config: dict[str, Any] | None = None, *, initialise: bool =
     import comfy.model_patcher
     import comfy.supported_models
 
-    from ...nodes.steering import differentiable_attention
-
     unet_config = dict(unet_config or MINI_UNET_CONFIG)
     config = comfy.supported_models.SD15(unet_config)
     # SD15 forces SD1.5's 8 heads; 32-channel heads (1 at the first level) keep self-attention over
@@ -68,8 +66,22 @@ def build_model(unet_config: dict[str, Any] | None = None, *, initialise: bool =
     device = comfy.model_management.get_torch_device()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
                                                offload_device=comfy.model_management.unet_offload_device())
-    patcher.model_options["transformer_options"]["optimized_attention_override"] = differentiable_attention
+    patcher.model_options["transformer_options"]["optimized_attention_override"] = pytorch_attention
     return patcher
+
+
+def pytorch_attention(func, *args, **kwargs):
+    """ComfyUI ``optimized_attention_override``: PyTorch's scaled_dot_product_attention, whatever
+    attention ComfyUI picked at start-up.
+
+    On a CPU ComfyUI picks its sub-quadratic attention, which splits keys into chunks when free RAM
+    runs low and then exponentiates in place: a backward pass through it fails ("exp(): functions
+    with out=... arguments don't support automatic differentiation"). Training the mini base and
+    an adapter on it backpropagates through every attention layer, so the mini base always uses
+    PyTorch's attention (differentiable, and the same numbers whatever memory is free).
+    """
+    from comfy.ldm.modules.attention import attention_pytorch
+    return attention_pytorch(*args, **kwargs)
 
 
 def _initialise(unet: torch.nn.Module) -> None:
