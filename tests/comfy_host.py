@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import hashlib
 import importlib.util
 import os
 import sys
@@ -125,3 +126,12 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (musl): nothing to trim
             pass
+
+
+def network_digest(network: torch.nn.Module) -> str:
+    """sha256 of a network's parameter names and exact bytes: equal digests, bit-identical weights."""
+    h = hashlib.sha256()
+    for k, v in network.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -7,7 +7,6 @@ the adapter is full SD1.5 width (~670M parameters), which is what makes each ste
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import shutil
@@ -62,14 +61,6 @@ def base_holder(trainer, sd15_ckpt):
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bps_cache")
-
-
-def _digest(network) -> str:
-    h = hashlib.sha256()
-    for k, v in network.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _data(folder: Path, names=("a", "b"), size=64) -> Path:
@@ -428,7 +419,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tr
     got = {}
 
     def keep(name):
-        return lambda net: got.__setitem__(name, _digest(net))
+        return lambda net: got.__setitem__(name, comfy_host.network_digest(net))
 
     # One CPU thread: with two, the straight and the resumed run differed in the last bits on the
     # 2-core CI machine and agreed with one, so the difference comes from threaded CPU kernels, not

@@ -8,7 +8,6 @@ each in fp16), one epsilon and one v-prediction; set BPS_TEST_SDXL_DIR to keep a
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import signal
@@ -103,14 +102,6 @@ def _data(folder: Path, names=("a", "b"), size=(64, 192)) -> Path:
         cv2.imwrite(str(folder / "target" / f"{n}.png"), cv2.cvtColor(cv2.resize(image, (w, h)), cv2.COLOR_RGB2BGR))
         (folder / "target" / f"{n}.txt").write_text(caption)
     return folder
-
-
-def _digest(network) -> str:
-    h = hashlib.sha256()
-    for k, v in network.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------ the real command
@@ -308,7 +299,7 @@ def test_an_interrupted_and_resumed_sdxl_run_equals_the_straight_one_bit_for_bit
     got = {}
 
     def keep(name):
-        return lambda net: got.__setitem__(name, _digest(net))
+        return lambda net: got.__setitem__(name, comfy_host.network_digest(net))
 
     straight = tmp_path / "straight.safetensors"
     assert entry.main(common + ["--out", str(straight)], base=base, hooks=loop.Hooks(on_train_end=keep("a"))) == 0
