@@ -80,7 +80,9 @@ class AdapterCache:
                 # An older version of the same file is useless now: drop it before it costs memory.
                 for old in [k for k in self._entries if k[0] == key[0]]:
                     del self._entries[old]
-                self._entries[key] = (adapter, adapter_model_patcher(adapter.network))
+                # The file, not the network, as the patcher's source: core's MultiGPU deep clone
+                # and non-dynamic delegate re-read it, as core loaders re-read theirs.
+                self._entries[key] = (adapter, adapter_model_patcher(adapter.network, adapter.path))
                 while len(self._entries) > self.capacity:
                     self._entries.popitem(last=False)
         return adapter

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -201,19 +202,38 @@ class SteeringWrapper:
 
     def __init__(self, attachment: BPSAttachment):
         self.attachment = attachment
+        #: The wrapper of each MultiGPU clone of a steered model, by the clone's device: it computes
+        #: with that clone's own B_phi copy. Weak: it lives as long as the clone that holds it.
+        self._device_wrappers: dict[torch.device, weakref.ref] = {}
 
-    def on_multigpu_deepclone(self, original, clone) -> None:
-        """ON_DEEPCLONE_MULTIGPU callback: the deep clone for another device got its own B_phi (its
-        additional model under this attachment's key, rebuilt by the patcher's factory); make the
-        clone's wrapper compute with that copy, not with the original on the original's device."""
+    def on_multigpu_clone(self, original, clone) -> None:
+        """ON_DEEPCLONE_MULTIGPU and ON_MATCH_MULTIGPU_CLONES callback: the clone for another device
+        holds its own B_phi (its additional model under this attachment's key, rebuilt by the
+        patcher's factory for the deep clone and handed on to every re-matched clone); the clone's
+        wrapper computes with that copy, not with the original on the original's device, and is the
+        one :meth:`to` hands core for that device."""
         key = self.attachment.key
         copies = clone.additional_models.get(key) or []
         if not copies:
             return
         wrappers = clone.wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
         if key in wrappers:
-            wrappers[key] = [SteeringWrapper(w.attachment.with_network(copies[0].model))
-                             if isinstance(w, SteeringWrapper) else w for w in wrappers[key]]
+            mine = SteeringWrapper(self.attachment.with_network(copies[0].model))
+            wrappers[key] = [mine if isinstance(w, SteeringWrapper) else w for w in wrappers[key]]
+            self._device_wrappers[clone.load_device] = weakref.ref(mine)
+
+    def to(self, target) -> "SteeringWrapper":
+        """The wrapper for ``target``: core's MultiGPU sampling runs every device with the main
+        model's wrappers and asks each for its device's version (``cast_transformer_options``
+        calls ``.to(device)``, and ``.to(dtype)``, on every wrapper before a device computes its
+        rows). A device with a MultiGPU clone of this model gets the clone's wrapper (its own
+        B_phi); any other target, this wrapper."""
+        if isinstance(target, torch.device):
+            ref = self._device_wrappers.get(target)
+            mine = ref() if ref is not None else None
+            if mine is not None:
+                return mine
+        return self
 
     def __call__(self, executor, x, timesteps, *args, **kwargs):
         # UNetModel.forward hands the executor (x, timesteps, context, y, control, transformer_options).

@@ -87,10 +87,14 @@ def set_patcher_factory(patcher, factory, args: tuple) -> None:
         patcher.cached_patcher_init = (factory, args)
 
 
-def on_multigpu_deepclone(model, key: str, callback) -> None:
-    """Call ``callback(original, clone)`` when core deep-clones ``model`` for another device
-    (``CallbacksMP.ON_DEEPCLONE_MULTIGPU``, after the clone's additional models were deep-cloned);
-    a no-op on ComfyUI without it."""
-    call_type = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
-    if call_type is not None:
-        model.add_callback_with_key(call_type, key, callback)
+def on_multigpu_clone(model, key: str, callback) -> None:
+    """Call ``callback(original, clone)`` whenever core makes a clone of ``model`` for another
+    device: its deep clone (``CallbacksMP.ON_DEEPCLONE_MULTIGPU``, after the clone's additional
+    models were deep-cloned), and every re-clone of the main model that takes over the deep clone's
+    additional models (``ON_MATCH_MULTIGPU_CLONES``, from ``match_multigpu_clones``, which the
+    MultiGPU node and every sampling run call: its clone is the one the sampler runs on the other
+    device). A no-op on ComfyUI without MultiGPU."""
+    for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES"):
+        call_type = getattr(comfy.patcher_extension.CallbacksMP, name, None)
+        if call_type is not None:
+            model.add_callback_with_key(call_type, key, callback)

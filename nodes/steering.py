@@ -79,7 +79,7 @@ def attach(model: comfy.model_patcher.ModelPatcher, attachment: BPSAttachment, *
     steered.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, attachment.key, wrapper)
     if manage_network:
         steered.set_additional_models(attachment.key, [adapter_model_patcher(attachment.network, attachment.source)])
-        comfy_compat.on_multigpu_deepclone(steered, attachment.key, wrapper.on_multigpu_deepclone)
+        comfy_compat.on_multigpu_clone(steered, attachment.key, wrapper.on_multigpu_clone)
     return steered
 
 

@@ -136,6 +136,12 @@ def test_adapter_cache_reads_a_file_once_and_again_when_it_changes(pack, tmp_pat
     a = _tiny_adapter_file(bps, tmp_path / "a.safetensors")
     first = cache.load(a, torch.float32)
     assert cache.load(a, torch.float32) is first and cache.loads == 1           # re-executed: nothing read
+    # The patcher the cache keeps rebuilds B_phi from the file (ComfyUI 0.33's cached_patcher_init).
+    patcher = import_module(f"{pack.__name__}.nodes.model_management").adapter_model_patcher(first.network)
+    if import_module(f"{pack.__name__}.nodes.comfy_compat").PATCHERS_HAVE_FACTORIES:
+        assert patcher.cached_patcher_init[1] == (str(a), torch.float32)
+    else:
+        assert getattr(patcher, "cached_patcher_init", None) is None
     assert cache.load(a, torch.float16) is not first and cache.loads == 2       # another dtype: a miss
     st = os.stat(a)
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))                  # rewritten in place

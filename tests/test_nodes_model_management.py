@@ -94,14 +94,27 @@ def test_adapter_patcher_is_built_as_core_loaders_build_theirs(pack, steering, s
 
 
 def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, sd15, full_adapter, tmp_path):
-    """Core's ModelPatcher.deepclone_multigpu (what comfy/multigpu.py runs per device) on a steered
-    model: no error, the clone steers exactly as the original, and with its own B_phi copy."""
+    """Core's MultiGPU preparation (``comfy.multigpu.create_multigpu_deepclones``, what the MultiGPU
+    CFG Split node runs) on a steered model: no error, and the clone it hands the sampler for the
+    second device steers exactly as the original, with its own B_phi copy.
+
+    Core deep-clones the model for each extra device and then re-clones the main model for it
+    (``match_multigpu_clones``, again at every sampling run) keeping only the deep clone's
+    additional models, so the wrapper must follow B_phi's copy through both steps.
+
+    A CPU machine lists one device, so core would clone nothing: ``get_all_torch_devices`` is
+    widened for this test to add ``torch.device("cpu", 0)`` (unequal to ``cpu``, same memory).
+    Only that hardware list is replaced; everything else is core's code."""
+    from unittest import mock
+
+    import comfy.model_management
     import comfy.model_patcher
     import comfy.patcher_extension
     if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
         # 0.8.0 has no MultiGPU: attaching registers no deep-clone callback (there is no such event).
         assert not hasattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU")
         return
+    import comfy.multigpu
     # A core loader records how to rebuild its model; the random SD1.5 "loader" is its seed (the
     # sd15 fixture is seed 0). A clone shares the fixture's weights, so only the deep clone adds a UNet.
     base = sd15.clone()
@@ -111,22 +124,45 @@ def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, 
     x, context, t = _inputs()
     before = _forward(steering, steered, x, context, t)
 
-    clone = steered.deepclone_multigpu(new_load_device=torch.device("cpu"))
-    key = _bps_key(steered)
-    original_net = steered.additional_models[key][0].model
-    clone_net = clone.additional_models[key][0].model
-    assert clone_net is not original_net and clone.model is not steered.model
-    (wrapper,) = clone.wrappers["diffusion_model"][key]
-    assert wrapper.attachment.network is clone_net
-    (original_wrapper,) = steered.wrappers["diffusion_model"][key]
-    assert original_wrapper.attachment.network is original_net
-    assert torch.equal(_forward(steering, clone, x, context, t), before)
-    # Each steers with its own copy: changing the clone's B_phi changes the clone only.
-    with torch.no_grad():
-        for p in clone_net.parameters():
-            p.mul_(0.5)
-    assert not torch.equal(_forward(steering, clone, x, context, t), before)
-    assert torch.equal(_forward(steering, steered, x, context, t), before)
+    second = torch.device("cpu", 0)
+    listed = comfy.model_management.get_all_torch_devices
+
+    def two_devices(exclude_current=False):
+        return [*listed(exclude_current=exclude_current), second]
+
+    with mock.patch.object(comfy.model_management, "get_all_torch_devices", two_devices):
+        split = comfy.multigpu.create_multigpu_deepclones(steered, max_gpus=2)
+        (clone,) = split.get_additional_models_with_key("multigpu")
+        assert clone.load_device == second and clone.model is not steered.model
+        key = _bps_key(steered)
+        original_net = steered.additional_models[key][0].model
+        clone_net = clone.additional_models[key][0].model
+        assert clone_net is not original_net
+        (wrapper,) = clone.wrappers["diffusion_model"][key]
+        assert wrapper.attachment.network is clone_net, "the second device's wrapper steers with another B_phi"
+        for model in (steered, split):
+            (original_wrapper,) = model.wrappers["diffusion_model"][key]
+            assert original_wrapper.attachment.network is original_net
+        # Sampling runs every device with the main model's wrappers, each cast to its device by
+        # core (comfy.samplers.cast_transformer_options): the second device's is the clone's.
+        assert original_wrapper.to(second) is wrapper
+        for other in (torch.device("cpu"), torch.float32):
+            assert original_wrapper.to(other) is original_wrapper
+        assert torch.equal(_forward(steering, clone, x, context, t), before)
+        assert torch.equal(_forward(steering, split, x, context, t), before)
+        # Each steers with its own copy: changing the clone's B_phi changes the clone only.
+        with torch.no_grad():
+            for p in clone_net.parameters():
+                p.mul_(0.5)
+        assert not torch.equal(_forward(steering, clone, x, context, t), before)
+        assert torch.equal(_forward(steering, split, x, context, t), before)
+        # Sampling re-matches the clones (comfy.sampler_helpers.prepare_sampling): still its own copy.
+        split.match_multigpu_clones()
+        (clone,) = split.get_additional_models_with_key("multigpu")
+        (wrapper,) = clone.wrappers["diffusion_model"][key]
+        assert wrapper.attachment.network is clone_net and original_wrapper.to(second) is wrapper
+        del clone, split, wrapper, original_wrapper
+        comfy_host.release_memory()
 
 
 def test_the_adapter_keeps_its_patcher_for_as_long_as_a_node_output_holds_it(pack, steering, sd15, full_adapter,
