@@ -12,11 +12,13 @@ is its own) the trainer's real step: the steered UNet forward through nodes/stee
 (SteeredUNet), eps MSE, backward into B_phi, the optimizer of train/optimizers.py. Random
 weights, no downloads. Weights, gradients and optimizer state are exact (tensor bytes summed);
 activations are the rest of the peak: on a GPU torch.cuda.max_memory_allocated minus the
-tensors present before the step and the gradients and optimizer state, on CPU the process's peak
-resident set minus its resident set before the first step, the gradients and the optimizer state
-(so CPU activations include allocator slack and the optimizer's temporaries). On CPU the peak is
-reset (/proc/self/clear_refs) and free heap returned to the system (malloc_trim) just before the
-first step, so building the models neither raises the peak nor hides the step's allocations.
+tensors present before the step and the gradients and optimizer state; on CPU the most tensor
+bytes held at once during one more step (torch.profiler's allocation events: the CPU analogue
+of max_memory_allocated) beyond those held when it starts, minus the gradients (so CPU
+activations include the optimizer's temporaries). The "measured peak" column is the process's
+peak resident set (reset with /proc/self/clear_refs, and free heap returned with malloc_trim,
+just before the first step), which also holds what the C allocator keeps: at small sizes its
+noise is larger than the activations (SDXL at 128 px: batch 2 came out below batch 1).
 
 ``--base sdxl`` runs the full-size SDXL UNet (2.57B parameters, random weights) with SDXL's
 B_phi (405M) and inputs (2048-wide text context, 2816-wide ``y``). ``--unet-dtype`` is the frozen
@@ -51,6 +53,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -91,6 +94,23 @@ def _start_peak_rss() -> None:
             f.write("5")  # resets the peak RSS (VmHWM, and so ru_maxrss) to the current RSS
     except OSError:
         pass
+
+
+def step_allocation_peak(step: Callable[[], None]) -> int:
+    """Most CPU tensor bytes held at once during ``step()`` beyond those held when it starts: what
+    ``torch.cuda.max_memory_allocated`` measures on a GPU, from torch.profiler's allocation events
+    (every tensor allocation and free through PyTorch's CPU allocator, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def unet_weight_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -201,12 +221,19 @@ def run_one(resolution: int, batch: int, checkpointing: bool, precision: str, st
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
     state = opt_mod.optimizer_state_bytes(optimizer)
+    if device.type == "cuda":
+        activations, source = peak - before - grads["bytes"] - state, "cuda max_memory_allocated"
+    else:
+        # One more step, its tensor allocations traced: the resident set's peak also holds what the
+        # C allocator keeps or hands back late, which at small sizes swamps the activations.
+        activations, source = step_allocation_peak(step) - grads["bytes"], "torch.profiler allocations"
     return {"combo": combo, "batch": batch, "resolution": resolution, "grad_ckpt": checkpointing,
             "precision": precision, "base": base, "unet_dtype": str(weight_dtype).replace("torch.", ""),
             "device": str(device), "s_per_step": statistics.median(times),
             "peak_bytes": peak, "before_step_bytes": before, "weights_bytes": weights,
             "grad_bytes": grads["bytes"], "optimizer_bytes": state,
-            "activation_bytes": peak - before - grads["bytes"] - state,
+            "activation_bytes": activations, "activation_source": source,
+            "rss_activation_bytes": None if device.type == "cuda" else peak - before - grads["bytes"] - state,
             "unet_bytes": unet_bytes, "unet_params": unet_params,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "torch": torch.__version__, "timed_steps": steps}

@@ -135,3 +135,8 @@ def test_an_sdxl_row_trains_sdxl_b_phi_through_the_trainer_module(trainer):
                                      rc.random_sdxl_model(sdxl_models.reduced_sdxl_config(rc)).model
                                      .diffusion_model.parameters())
     assert row["optimizer_bytes"] > 0 and row["s_per_step"] > 0 and row["peak_bytes"] >= row["before_step_bytes"]
+    # Traced allocations, not the resident set: a second sample holds more activations, always.
+    assert row["activation_source"] == "torch.profiler allocations"
+    one = bench_training.run_one(64, 1, True, "bf16", 1, "adafactor:bf16", "sdxl", "bf16",
+                                 sdxl_models.reduced_sdxl_config(rc))
+    assert 0 < one["activation_bytes"] < row["activation_bytes"]
