@@ -11,14 +11,15 @@ Memory/speed rows: each (combination, batch, checkpointing) runs in its own proc
 is its own) the trainer's real step: the steered UNet forward through nodes/steering.py
 (SteeredUNet), eps MSE, backward into B_phi, the optimizer of train/optimizers.py. Random
 weights, no downloads. Weights, gradients and optimizer state are exact (tensor bytes summed);
-activations are the rest of the peak: on a GPU torch.cuda.max_memory_allocated minus the
-tensors present before the step and the gradients and optimizer state; on CPU the most tensor
-bytes held at once during one more step (torch.profiler's allocation events: the CPU analogue
-of max_memory_allocated) beyond those held when it starts, minus the gradients (so CPU
-activations include the optimizer's temporaries). The "measured peak" column is the process's
-peak resident set (reset with /proc/self/clear_refs, and free heap returned with malloc_trim,
-just before the first step), which also holds what the C allocator keeps: at small sizes its
-noise is larger than the activations (SDXL at 128 px: batch 2 came out below batch 1).
+activations are measured on one more step whose gradients are allocated beforehand, phase by
+phase (see ``phase_peaks``): the most tensor bytes held at once during the forward and backward
+pass beyond those held before the step; and, apart, the optimizer step's temporaries, which at
+small sizes can set the step's peak but do not grow with the pixels. On a
+GPU both come from torch.cuda.max_memory_allocated, on CPU from torch.profiler's allocation
+events. The "measured peak" column is the process's whole peak (on CPU its resident set, reset
+with /proc/self/clear_refs and free heap returned with malloc_trim just before the first step),
+which on CPU also holds what the C allocator keeps: at small sizes that noise is larger than the
+activations (SDXL at 128 px: batch 2 came out below batch 1).
 
 ``--base sdxl`` runs the full-size SDXL UNet (2.57B parameters, random weights) with SDXL's
 B_phi (405M) and inputs (2048-wide text context, 2816-wide ``y``). ``--unet-dtype`` is the frozen
@@ -96,21 +97,37 @@ def _start_peak_rss() -> None:
         pass
 
 
-def step_allocation_peak(step: Callable[[], None]) -> int:
-    """Most CPU tensor bytes held at once during ``step()`` beyond those held when it starts: what
-    ``torch.cuda.max_memory_allocated`` measures on a GPU, from torch.profiler's allocation events
-    (every tensor allocation and free through PyTorch's CPU allocator, in order)."""
+def phase_peaks(phases: list[Callable[[], None]], device: torch.device) -> list[int]:
+    """Run ``phases`` in turn; for each, the most tensor bytes held at once while it ran beyond those
+    held when the first began (what is still held from earlier phases counts).
+
+    On a GPU from ``torch.cuda.max_memory_allocated``; on a CPU from torch.profiler's allocation
+    events (every allocation and free through PyTorch's CPU allocator, in order): the CPU analogue,
+    without what the C allocator keeps or hands back late, which at small sizes swamps the
+    activations in the resident set."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    held = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
+    held, peaks = 0, []
+    for phase in phases:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            phase()
+            torch.cuda.synchronize()
+            peaks.append(held + torch.cuda.max_memory_allocated() - start)
+            held += torch.cuda.memory_allocated() - start
+            continue
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            phase()
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        peak = held
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            held += e.nbytes()
+            peak = max(peak, held)
+        peaks.append(peak)
+    return peaks
 
 
 def unet_weight_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -194,14 +211,20 @@ def run_one(resolution: int, batch: int, checkpointing: bool, precision: str, st
     dtype = DTYPES[precision]
     grads = {"bytes": 0}
 
-    def step() -> None:
+    def forward_backward() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             eps = module(x, t, context, hint, y)
         loss = torch.nn.functional.mse_loss(eps.float(), target)
         loss.backward()
         grads["bytes"] = opt_mod.gradient_bytes(params)
+
+    def optimizer_step() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        forward_backward()
+        optimizer_step()
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -221,18 +244,20 @@ def run_one(resolution: int, batch: int, checkpointing: bool, precision: str, st
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
     state = opt_mod.optimizer_state_bytes(optimizer)
-    if device.type == "cuda":
-        activations, source = peak - before - grads["bytes"] - state, "cuda max_memory_allocated"
-    else:
-        # One more step, its tensor allocations traced: the resident set's peak also holds what the
-        # C allocator keeps or hands back late, which at small sizes swamps the activations.
-        activations, source = step_allocation_peak(step) - grads["bytes"], "torch.profiler allocations"
+    # One more step, measured phase by phase: the forward and backward pass holds the activations
+    # (they grow with the pixels), the optimizer step its temporaries (they do not); at small sizes
+    # the second can set the step's peak. The gradients are allocated before it (backward adds into
+    # them), so neither phase counts them: they are in the B_phi state, held whole at the peak.
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    fwd_bwd, opt_peak = phase_peaks([forward_backward, optimizer_step], device)
     return {"combo": combo, "batch": batch, "resolution": resolution, "grad_ckpt": checkpointing,
             "precision": precision, "base": base, "unet_dtype": str(weight_dtype).replace("torch.", ""),
             "device": str(device), "s_per_step": statistics.median(times),
             "peak_bytes": peak, "before_step_bytes": before, "weights_bytes": weights,
             "grad_bytes": grads["bytes"], "optimizer_bytes": state,
-            "activation_bytes": activations, "activation_source": source,
+            "activation_bytes": fwd_bwd, "optimizer_temp_bytes": opt_peak,
+            "activation_source": "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler allocations",
             "rss_activation_bytes": None if device.type == "cuda" else peak - before - grads["bytes"] - state,
             "unet_bytes": unet_bytes, "unet_params": unet_params,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
@@ -304,15 +329,16 @@ def run_demo(combo: str, steps: int, lr: float, batch: int, resolution: int, ckp
 
 def _mem_table(rows: list[dict], peak_tflops: float) -> list[str]:
     lines = ["base | px | combination | batch | grad ckpt | UNet weights | s/step | samples/s | weights GiB | "
-             "gradients GiB | optimizer GiB | B_phi state GiB | activations GiB | measured peak GiB | "
-             "model FLOP utilisation"]
+             "gradients GiB | optimizer GiB | B_phi state GiB | activations GiB | optimizer temporaries GiB | "
+             "measured peak GiB | model FLOP utilisation"]
     for r in rows:
         state = r["weights_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
         lines.append(f"{r.get('base', 'sd15')} | {r['resolution']} | {r['combo']} | {r['batch']} | "
                      f"{'on' if r['grad_ckpt'] else 'off'} | {r.get('unet_dtype', '?')} | {r['s_per_step']:.2f} | "
                      f"{r['batch'] / r['s_per_step']:.3f} | {r['weights_bytes'] / GIB:.2f} | "
                      f"{r['grad_bytes'] / GIB:.2f} | {r['optimizer_bytes'] / GIB:.2f} | {state / GIB:.2f} | "
-                     f"{r['activation_bytes'] / GIB:.2f} | {r['peak_bytes'] / GIB:.1f} | {_mfu(r, peak_tflops)}")
+                     f"{r['activation_bytes'] / GIB:.2f} | {r.get('optimizer_temp_bytes', 0) / GIB:.2f} | "
+                     f"{r['peak_bytes'] / GIB:.1f} | {_mfu(r, peak_tflops)}")
     return lines
 
 
@@ -338,13 +364,14 @@ def activation_slopes(rows: list[dict]) -> dict[str, float]:
 
 def estimate_peaks(rows: list[dict], target: int, batches: tuple[int, ...] = (1, 4)) -> list[dict]:
     """Whole training peak at ``target`` px per combination, from rows measured alike (see
-    :func:`activation_slopes`): a 16-bit UNet, the measured B_phi state, and activations in two
-    parts: a per-sample part (the slope) scaled by pixel count, and a fixed part (optimizer
-    temporaries, allocator slack, what does not grow with the batch), the combination's own
-    smallest-batch activations minus that many samples, not scaled.
+    :func:`activation_slopes`): a 16-bit UNet, the measured B_phi state (weights, gradients,
+    optimizer state), and the larger of the optimizer step's temporaries (measured, not scaled)
+    and the activations, in two parts: a per-sample part (the slope) scaled by pixel count, and a
+    fixed part (what does not grow with the batch), the combination's own smallest-batch
+    activations minus that many samples, not scaled.
 
-    Returns one dict per combination: combo, per_sample (bytes at ``target``), fixed, state, unet16,
-    peaks ({batch: bytes}) and note (how the slope was chosen)."""
+    Returns one dict per combination: combo, per_sample (bytes at ``target``), fixed, optimizer_temp,
+    state, unet16, peaks ({batch: bytes}) and note (how the slope was chosen)."""
     if not rows:
         return []
     scale = (target / rows[0]["resolution"]) ** 2
@@ -367,9 +394,10 @@ def estimate_peaks(rows: list[dict], target: int, batches: tuple[int, ...] = (1,
             out.append({"combo": r["combo"], "note": note, "state": state, "unet16": unet16})
             continue
         fixed = max(0.0, r["activation_bytes"] - slope * r["batch"])
-        out.append({"combo": r["combo"], "per_sample": slope * scale, "fixed": fixed, "state": state,
-                    "unet16": unet16, "note": note,
-                    "peaks": {b: unet16 + state + fixed + slope * scale * b for b in batches}})
+        temp = r.get("optimizer_temp_bytes", 0)
+        out.append({"combo": r["combo"], "per_sample": slope * scale, "fixed": fixed, "optimizer_temp": temp,
+                    "state": state, "unet16": unet16, "note": note,
+                    "peaks": {b: unet16 + state + max(fixed + slope * scale * b, temp) for b in batches}})
     return out
 
 
@@ -389,16 +417,18 @@ def _estimate_table(rows: list[dict], target: int) -> list[str]:
         unet16 = estimates[0]["unet16"] if estimates else 0
         lines += ["", f"estimate at {target}x{target}, {base}, grad ckpt {'on' if ckpt else 'off'}, from the {res}px "
                       f"rows ({unet_dtype} UNet, --precision {precision}): 16-bit UNet {unet16 / GIB:.2f} GiB + "
-                      f"measured B_phi state + activations (per-sample slope x{(target / res) ** 2:.0f} for pixel "
-                      f"count, plus the fixed rest)",
-                  "combination | per sample at target GiB | fixed GiB | B_phi state GiB | batch 1 GiB | batch 4 GiB"]
+                      f"measured B_phi state + the larger of the optimizer's temporaries and the activations "
+                      f"(per-sample slope x{(target / res) ** 2:.0f} for pixel count, plus the fixed rest)",
+                  "combination | activations per sample at target GiB | fixed GiB | optimizer temporaries GiB | "
+                  "B_phi state GiB | batch 1 GiB | batch 4 GiB"]
         for e in estimates:
             if "peaks" not in e:
-                lines.append(f"{e['combo']} | ? | ? | {e['state'] / GIB:.2f} | ? | ? ({e['note']})")
+                lines.append(f"{e['combo']} | ? | ? | ? | {e['state'] / GIB:.2f} | ? | ? ({e['note']})")
                 continue
             note = f" ({e['note']})" if e["note"] else ""
             lines.append(f"{e['combo']} | {e['per_sample'] / GIB:.2f}{note} | {e['fixed'] / GIB:.2f} | "
-                         f"{e['state'] / GIB:.2f} | {e['peaks'][1] / GIB:.1f} | {e['peaks'][4] / GIB:.1f}")
+                         f"{e['optimizer_temp'] / GIB:.2f} | {e['state'] / GIB:.2f} | {e['peaks'][1] / GIB:.1f} | "
+                         f"{e['peaks'][4] / GIB:.1f}")
     return lines
 
 

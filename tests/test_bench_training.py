@@ -16,10 +16,11 @@ bench_training = pytest.importorskip("bench.bench_training", reason="bench/bench
 GIB = 2 ** 30
 
 
-def _row(combo, batch, act_gib, *, res=128, ckpt=True, state=(1, 1, 1), params=1000):
+def _row(combo, batch, act_gib, *, res=128, ckpt=True, state=(1, 1, 1), params=1000, temp_gib=0.0):
     w, g, o = (int(v * GIB) for v in state)
     return {"combo": combo, "batch": batch, "resolution": res, "grad_ckpt": ckpt, "precision": "bf16",
-            "base": "sdxl", "unet_dtype": "bfloat16", "activation_bytes": int(act_gib * GIB), "weights_bytes": w,
+            "base": "sdxl", "unet_dtype": "bfloat16", "activation_bytes": int(act_gib * GIB),
+            "optimizer_temp_bytes": int(temp_gib * GIB), "weights_bytes": w,
             "grad_bytes": g, "optimizer_bytes": o, "unet_params": params, "peak_bytes": 0, "s_per_step": 1.0,
             "device": "cpu"}
 
@@ -36,6 +37,15 @@ def test_estimate_scales_the_per_sample_slope_by_pixels_and_keeps_the_fixed_part
     # One batch size only: the slope of its weights dtype, its own fixed part and state.
     assert est["adafactor:bf16"]["fixed"] == pytest.approx(1.25 * GIB)
     assert est["adafactor:bf16"]["peaks"][1] == pytest.approx(2000 + 4 * GIB + 1.25 * GIB + 16 * GIB)
+
+
+def test_the_optimizer_temporaries_count_only_where_they_exceed_the_activations():
+    rows = [_row("adamw8bit:bf16", 1, 0.25, temp_gib=1.0), _row("adamw8bit:bf16", 2, 0.5, temp_gib=1.0)]
+    (est,) = bench_training.estimate_peaks(rows, target=256)
+    # activations: 0.25 GiB a sample at 128 px, 1 GiB at 256 px, nothing fixed
+    assert est["per_sample"] == pytest.approx(GIB) and est["fixed"] == pytest.approx(0)
+    assert est["peaks"][1] == pytest.approx(2000 + 3 * GIB + 1.0 * GIB)  # the optimizer's 1 GiB sets it
+    assert est["peaks"][4] == pytest.approx(2000 + 3 * GIB + 4.0 * GIB)  # the activations set it
 
 
 def test_estimate_without_a_positive_slope_says_so():
