@@ -165,10 +165,16 @@ def machine_line(server) -> str:
 
 
 class Run:
-    """One prompt's figures."""
+    """One prompt's figures: ``steps`` are the sampler's steps after the first; ``first`` is from
+    the sampler node's start to its first step's end (model loading and the first step), and
+    ``outside`` the rest of the prompt outside the sampler's steps (queueing, the other nodes,
+    saving), so ``seconds == outside + first + sum(steps)``."""
 
-    def __init__(self, kind: str, seconds: float, steps: list[float], loads: int, peak_bytes: int | None = None):
+    def __init__(self, kind: str, seconds: float, steps: list[float], loads: int, peak_bytes: int | None = None,
+                 first: float | None = None):
         self.kind, self.seconds, self.steps, self.loads, self.peak_bytes = kind, seconds, steps, loads, peak_bytes
+        self.first = first
+        self.outside = seconds - sum(steps) - first if first is not None else None
 
 
 class MemoryPoller:
@@ -212,11 +218,14 @@ def run_prompt(server, kind: str, seed: int, args, *, memory: bool = False) -> R
     with open(server.log_path, "rb") as f:
         f.seek(log_before)
         loads = f.read().decode(errors="replace").count("Requested to load")
-    steps = result.step_seconds("7")[1:]  # the first interval includes model loading
-    run = Run(kind, result.seconds, steps, loads, poller.peak if memory else None)
+    intervals = result.step_seconds("7")
+    steps = intervals[1:]  # the first interval includes model loading
+    run = Run(kind, result.seconds, steps, loads, poller.peak if memory else None,
+              first=intervals[0] if intervals else None)
     peak = f", peak {run.peak_bytes / 2 ** 30:.2f} GiB" if memory else ""
-    print(f"#   {kind:14s} seed {seed}: {run.seconds:7.2f} s/prompt, steps {[round(s, 2) for s in steps]}, "
-          f"model loads {loads}{peak}", flush=True)
+    phases = f", first step {run.first:.2f} s, outside the sampler {run.outside:.2f} s" if intervals else ""
+    print(f"#   {kind:14s} seed {seed}: {run.seconds:7.2f} s/prompt, steps {[round(s, 2) for s in steps]}"
+          f"{phases}, model loads {loads}{peak}", flush=True)
     return run
 
 
@@ -226,12 +235,15 @@ def table(title: str, runs: list[Run]) -> str:
     med_prompt = {k: statistics.median(r.seconds for r in v) for k, v in per.items()}
     med_step = {k: statistics.median(s for r in v for s in r.steps) for k, v in per.items()}
     lines = [f"## {title}", "workflow | prompts | s/prompt (median) | x plain | steps | s/step (median) | x plain | "
-                            "model loads/prompt"]
+                            "model loads/prompt | first step s (median) | outside the sampler s (median)"]
     for k in WORKFLOWS:
         loads = statistics.mean(r.loads for r in per[k])
         n_steps = sum(len(r.steps) for r in per[k])
+        firsts = [r.first for r in per[k] if r.first is not None]
+        outside = [r.outside for r in per[k] if r.outside is not None]
+        phases = " | ".join(f"{statistics.median(v):.2f}" if v else "-" for v in (firsts, outside))
         lines.append(f"{LABELS[k]} | {len(per[k])} | {med_prompt[k]:.2f} | {med_prompt[k] / med_prompt['plain']:.3f} | "
-                     f"{n_steps} | {med_step[k]:.3f} | {med_step[k] / med_step['plain']:.3f} | {loads:.1f}")
+                     f"{n_steps} | {med_step[k]:.3f} | {med_step[k] / med_step['plain']:.3f} | {loads:.1f} | {phases}")
     return "\n".join(lines)
 
 

@@ -43,6 +43,18 @@ def test_table_reports_medians_as_ratios_to_plain():
     assert rows["BPS"][3] == "1.000" and rows["BPS"][6] == "1.100"
     assert rows["BPS, new sketch"][5:7] == ["2.800", "1.400"]
     assert rows["ControlNet"][3] == "1.818" and rows["ControlNet"][7] == "1.0"
+    assert rows["plain"][8:] == ["-", "-"]  # no first-step figures given
+
+
+def test_a_prompt_splits_into_outside_the_sampler_first_step_and_steps():
+    Run = bench_server.Run
+    run = Run("bps", 10.0, [2.0, 2.5], 0, first=4.0)
+    assert run.outside == pytest.approx(1.5)
+    runs = [Run(k, 10.0, [2.0], 0, first=f) for k, f in
+            [("plain", 3.0), ("plain", 5.0), ("bps", 6.0), ("bps_new_sketch", 4.0), ("controlnet", 4.0)]]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in bench_server.table("t", runs).splitlines()[2:]}
+    assert rows["plain"][8:] == ["4.00", "4.00"]  # medians: first step (3, 5), outside (5, 3)
+    assert rows["BPS"][8:] == ["6.00", "2.00"]
 
 
 def test_each_base_names_its_own_checkpoint_adapter_and_controlnet():
