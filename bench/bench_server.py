@@ -2,6 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_server.py --ckpt sd15.safetensors [--size 256]
         [--steps 3] [--repeats 3] [--mode both|turn|repeat] [--dtype fp16] [--base sd15|sdxl]
+        [--workflows plain bps ...]
 
 Starts ComfyUI's ``main.py`` on a loopback port (tests/comfy_server.py) with this pack as a custom
 node, the checkpoint (SD1.5, or SDXL with ``--base sdxl``), a full-size adapter for that base
@@ -231,12 +232,13 @@ def run_prompt(server, kind: str, seed: int, args, *, memory: bool = False) -> R
 
 def table(title: str, runs: list[Run]) -> str:
     """Medians per workflow, each as a ratio to plain's, as a Markdown-ish table."""
-    per = {k: [r for r in runs if r.kind == k] for k in WORKFLOWS}
+    # The workflows that ran, in the usual order (--workflows may leave some out; plain is needed).
+    per = {k: v for k in WORKFLOWS if (v := [r for r in runs if r.kind == k])}
     med_prompt = {k: statistics.median(r.seconds for r in v) for k, v in per.items()}
     med_step = {k: statistics.median(s for r in v for s in r.steps) for k, v in per.items()}
     lines = [f"## {title}", "workflow | prompts | s/prompt (median) | x plain | steps | s/step (median) | x plain | "
                             "model loads/prompt | first step s (median) | outside the sampler s (median)"]
-    for k in WORKFLOWS:
+    for k in per:
         loads = statistics.mean(r.loads for r in per[k])
         n_steps = sum(len(r.steps) for r in per[k])
         firsts = [r.first for r in per[k] if r.first is not None]
@@ -283,7 +285,10 @@ def main() -> None:
     parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
                         help="peak device memory per workflow after /free (auto: where the server runs on a GPU)")
     parser.add_argument("--keep", help="use this folder as the server's base directory and keep it")
+    parser.add_argument("--workflows", nargs="+", choices=WORKFLOWS, default=list(WORKFLOWS),
+                        help="the workflows to run (default: all four; plain is always run, every ratio is to it)")
     args = parser.parse_args()
+    workflows = tuple(k for k in WORKFLOWS if k in args.workflows or k == "plain")
     base = BASES[args.base]
     args.ckpt = args.ckpt or (os.environ.get(base.ckpt_env) if base.ckpt_env else None)
     if not comfyui_available():
@@ -315,7 +320,7 @@ def main() -> None:
             seed = 1000
             # Warm-up, every model loaded once, for the turn mode; the repeat mode's unrecorded
             # switching prompts load each workflow's models before its recorded prompts anyway.
-            warm_up = WORKFLOWS if args.mode != "repeat" else ()
+            warm_up = workflows if args.mode != "repeat" else ()
             for kind in warm_up:
                 seed += 1
                 run_prompt(server, kind, seed, args)
@@ -324,7 +329,7 @@ def main() -> None:
             if args.mode in ("both", "turn"):
                 print("# (a) the workflows in turn", flush=True)
                 runs = []
-                for order in rounds(WORKFLOWS, args.repeats):
+                for order in rounds(workflows, args.repeats):
                     for kind in order:
                         seed += 1
                         runs.append(run_prompt(server, kind, seed, args))
@@ -334,7 +339,7 @@ def main() -> None:
                 print("# (b) each workflow repeated with new seeds", flush=True)
                 runs = []
                 per_block = max(1, (args.repeats + 1) // 2)
-                for order in rounds(WORKFLOWS, 2):
+                for order in rounds(workflows, 2):
                     for kind in order:
                         seed += 1
                         run_prompt(server, kind, seed, args)  # the switch to this workflow, not recorded
@@ -347,7 +352,7 @@ def main() -> None:
             if args.memory == "on" or (args.memory == "auto" and device["type"] == "cuda"):
                 print("# (c) peak memory, each workflow after /free", flush=True)
                 runs = []
-                for kind in WORKFLOWS:
+                for kind in workflows:
                     server.free_memory()
                     seed += 1
                     runs.append(run_prompt(server, kind, seed, args, memory=True))

@@ -77,3 +77,11 @@ def test_the_sdxl_adapter_follows_the_port_rule_for_sdxl():
     assert xl.unet_shape(bps) == bps.SDXL_SHAPE and sd15.unet_shape(bps) == bps.SD15_SHAPE
     assert len(bps.port_map(xl.unet_shape(bps)).names) == 16
     assert bps.BPSConfig.for_unet(xl.unet_shape(bps)).channel_mult == (1, 2, 4)
+
+
+def test_a_table_of_some_workflows_lists_only_those():
+    Run = bench_server.Run
+    runs = [Run("plain", 10.0, [2.0], 0, first=3.0), Run("bps", 9.0, [2.1], 0, first=3.0)]
+    lines = bench_server.table("t", runs).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["plain", "BPS"]
+    assert lines[3].split(" | ")[3] == "0.900"
