@@ -27,7 +27,8 @@ def test_mini_base_file_loads_through_the_trainer_with_its_stand_ins(mini, tmp_p
     ms = model.get_model_object("model_sampling")
     assert ms.sigmas.shape == (1000,) and abs(float(ms.sigmas[-1]) - 14.6146) < 1e-3
     path = model_file.save_mini_base(tmp_path / "mini.safetensors", model,
-                                     {"unet_config": model_file.MINI_UNET_CONFIG, "recipe_hash": "test"})
+                                     {"unet_config": model_file.MINI_UNET_CONFIG, "recipe_hash": "test",
+                                      "image_size": 128})
     base = base_model.load_base_models(path, unet_dtype=torch.float32)
     loaded = base.model.model.diffusion_model
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()))
@@ -35,6 +36,8 @@ def test_mini_base_file_loads_through_the_trainer_with_its_stand_ins(mini, tmp_p
     assert base.encode_images(torch.rand(2, 128, 128, 3)).shape == (2, 4, 16, 16)
     assert torch.equal(base.encode_text("a red star"), base.encode_text(""))
     assert base.unet_shape.context_dim == 64 and base.unet_shape.model_channels == 64
+    # trained at 128 px: the trainer's "below the native size" advice must not ask for SD1.5's 512
+    assert base.family == "SD1.5" and base.native_resolution == 128
     # every layer's attention is PyTorch's, whatever ComfyUI chose (model_file.pytorch_attention)
     assert base.model.model_options["transformer_options"]["optimized_attention_override"] is \
         model_file.pytorch_attention
