@@ -189,10 +189,12 @@ class UNetShape:
         return asdict(self.signature()) == asdict(other.signature())
 
     def _layout(self) -> tuple:
-        return (self.channel_mult, self.num_res_blocks, self.input_blocks, self.middle_block, self.output_blocks)
+        # Blocks and levels only: the widths (model_channels and each level's channel_mult) are
+        # what a family's smaller instances (test UNets, the mini base) change.
+        return (len(self.channel_mult), self.num_res_blocks, self.input_blocks, self.middle_block, self.output_blocks)
 
     def _layout_family(self) -> str | None:
-        """The known family whose block layout this shape has, at whatever width."""
+        """The known family whose block layout this shape has, at whatever widths."""
         matches = [name for name, known in KNOWN_FAMILIES.items() if self._layout() == known._layout()]
         same_context = [name for name in matches if KNOWN_FAMILIES[name].context_dim == self.context_dim]
         return (same_context or matches or [None])[0]
@@ -200,14 +202,17 @@ class UNetShape:
     @property
     def family(self) -> str:
         """A short name: ``"SD1.5"``, ``"SD2.x"``, ``"SDXL"``; for other widths the layout it
-        shares (``"SD1.5-layout UNet at model_channels 32"``), else its widths."""
+        shares (``"SD1.5-layout UNet at model_channels 32"``, with its ``channel_mult`` where that
+        differs from the family's), else its widths."""
         sig = self.signature()
         for name, known in KNOWN_FAMILIES.items():
             if sig == known.signature():
                 return name
         layout = self._layout_family()
         if layout:
-            return f"{layout}-layout UNet at model_channels {self.model_channels}"
+            mult = "" if self.channel_mult == KNOWN_FAMILIES[layout].channel_mult else \
+                f", channel_mult {list(self.channel_mult)}"
+            return f"{layout}-layout UNet at model_channels {self.model_channels}{mult}"
         return f"a UNet with model_channels {self.model_channels}, channel_mult {list(self.channel_mult)}"
 
     @property

@@ -23,18 +23,21 @@ def test_mini_base_file_loads_through_the_trainer_with_its_stand_ins(mini, tmp_p
     model = model_file.build_model(initialise=True)
     unet = model.model.diffusion_model
     # SD1.5's layout at a small width: 12 input / 12 output blocks, SD1.5's noise schedule
-    assert len(unet.input_blocks) == 12 and len(unet.output_blocks) == 12 and unet.model_channels == 32
+    assert len(unet.input_blocks) == 12 and len(unet.output_blocks) == 12 and unet.model_channels == 64
     ms = model.get_model_object("model_sampling")
     assert ms.sigmas.shape == (1000,) and abs(float(ms.sigmas[-1]) - 14.6146) < 1e-3
     path = model_file.save_mini_base(tmp_path / "mini.safetensors", model,
-                                     {"unet_config": model_file.MINI_UNET_CONFIG, "recipe_hash": "test"})
+                                     {"unet_config": model_file.MINI_UNET_CONFIG, "recipe_hash": "test",
+                                      "image_size": 128})
     base = base_model.load_base_models(path, unet_dtype=torch.float32)
     loaded = base.model.model.diffusion_model
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()))
     assert not any(p.requires_grad for p in loaded.parameters())
     assert base.encode_images(torch.rand(2, 128, 128, 3)).shape == (2, 4, 16, 16)
     assert torch.equal(base.encode_text("a red star"), base.encode_text(""))
-    assert base.unet_shape.context_dim == 64 and base.unet_shape.model_channels == 32
+    assert base.unet_shape.context_dim == 64 and base.unet_shape.model_channels == 64
+    # trained at 128 px: the trainer's "below the native size" advice must not ask for SD1.5's 512
+    assert base.family == "SD1.5" and base.native_resolution == 128
     # every layer's attention is PyTorch's, whatever ComfyUI chose (model_file.pytorch_attention)
     assert base.model.model_options["transformer_options"]["optimized_attention_override"] is \
         model_file.pytorch_attention
@@ -60,7 +63,7 @@ def test_an_sd15_adapter_is_refused_on_the_mini_base_naming_both(mini):
     with pytest.raises(ValueError) as e:
         base_check.check_model_fits(model, sd15, "sketch.safetensors")
     text = str(e.value)
-    assert "model_channels 32" in text and "sketch.safetensors" in text and "320" in text
+    assert "model_channels 64" in text and "sketch.safetensors" in text and "320" in text
 
 
 def test_checkpoint_state_dict_holds_the_unet_on_this_comfyui(mini):

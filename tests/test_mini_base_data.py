@@ -41,6 +41,20 @@ def test_sketch_outlines_the_region_the_image_fills():
         assert (strokes & inside).sum() <= 0.02 * max(1, inside.sum())  # an outline, not a fill
 
 
+def test_shapes_are_white_and_a_coloured_cast_is_not_a_shape():
+    layout = shapes.random_layouts(5, 1)[0]
+    image = shapes.render_image(layout)
+    region = shapes.region_mask(layout)
+    assert (image[region] >= 128).all() and (image[~region] < 128).all()
+    assert np.ptp(image[region].astype(int), axis=1).max() == 0  # grey levels only: white, its anti-aliased edge
+    # a saturated cast over the background (what a base that has not learnt the mean colour draws)
+    cast = np.zeros((shapes.SIZE, shapes.SIZE, 3), np.float32)
+    cast[...] = (0.7, 0.1, 0.5)  # its brightest channel is over half, its mean is not
+    assert not shapes.shape_mask(cast).any()
+    cast[region] = 1.0
+    assert iou(shapes.shape_mask(cast), region) > 0.97
+
+
 def test_stand_in_vae_round_trip_keeps_shapes_and_is_the_ceiling():
     vae = StandInVAE()
     layouts = shapes.random_layouts(11, 40)

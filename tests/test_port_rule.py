@@ -75,6 +75,19 @@ def test_mini_width_sd15_layout_gets_21_ports_at_its_widths():
     assert not mini.same_family(SD15_SHAPE) and BPSConfig.for_unet(mini).time_embed_dim == 128
 
 
+def test_sd15_layout_with_other_level_widths_is_still_sd15_family():
+    """The mini base keeps SD1.5's blocks at other widths per level (64, 64, 128, 128): the same 21
+    ports at its own widths, the family named with the channel_mult that differs."""
+    mini = UNetShape.like_sd15(64, (1, 1, 2, 2), context_dim=64)
+    ports = port_map(mini)
+    assert [(p.block, p.downsample, p.sublayers) for p in ports] == [(b, d, s) for b, _, d, _, s in SD15_TABLE]
+    widths = {320: 64, 640: 64, 1280: 128}
+    assert [p.channels for p in ports] == [widths[c] for _, c, _, _, _ in SD15_TABLE]
+    assert mini.family == "SD1.5-layout UNet at model_channels 64, channel_mult [1, 1, 2, 2]"
+    assert mini.family_key == "sd15" and not mini.same_family(UNetShape.like_sd15(64, context_dim=64))
+    assert BPSConfig.for_unet(mini).fits(mini) and not BPSConfig.for_unet(mini).fits(UNetShape.like_sd15(64))
+
+
 def test_shape_from_unet_config_round_trips_and_ignores_inpainting_channels():
     assert UNetShape.from_dict(json.loads(json.dumps(SDXL_SHAPE.to_dict()))) == SDXL_SHAPE
     inpaint = dataclasses.replace(SD15_SHAPE, in_channels=9)

@@ -38,6 +38,14 @@ class BaseModels:
     clip: Any | None    # comfy.sd.CLIP
     vae: Any | None     # comfy.sd.VAE
     path: Path
+    #: Side in pixels the base was trained at, where the file says (the mini base); else None and
+    #: the family's (512 for SD1.5, 1024 for SDXL).
+    trained_size: int | None = None
+
+    @property
+    def native_resolution(self) -> int:
+        """Side in pixels the base model was trained at: where adapters for it steer best."""
+        return self.trained_size or {"SD1.5": 512, "SDXL": 1024}[self.family]
 
     @property
     def model_sampling(self) -> Any:
@@ -224,7 +232,7 @@ def load_mini_base_models(path: Path) -> BaseModels | None:
 
     ComfyUI's checkpoint loader cannot detect the mini base's small SD1.5 UNet, and the file holds
     no VAE or CLIP: the stand-ins take their place. It stays in float32 whatever --mixed-precision
-    says (8.6M weights; its 16x16 latents would gain nothing from 16 bits).
+    says (under 10M weights; its 16x16 latents would gain nothing from 16 bits).
     """
     from .mini_base.model_file import MiniBaseFileError, load_mini_base, read_recipe
     from .mini_base.stand_ins import StandInTextEncoder, StandInVAE
@@ -238,7 +246,7 @@ def load_mini_base_models(path: Path) -> BaseModels | None:
     log.info("loaded the mini base %s (recipe %s): a small SD1.5 UNet with the stand-in VAE and text encoder",
              path.name, recipe.get("recipe_hash", "?"))
     return BaseModels(model=model, clip=StandInTextEncoder(recipe["unet_config"]["context_dim"]),
-                      vae=StandInVAE(), path=path)
+                      vae=StandInVAE(), path=path, trained_size=recipe.get("image_size"))
 
 
 def load_base_models(ckpt: str | Path, *, unet_dtype: torch.dtype, need_clip: bool = True,

@@ -50,8 +50,6 @@ from .trainable import freeze_unreachable
 log = logging.getLogger("bps.train")
 
 DEFAULT_EPOCHS = 16  # official recipe
-#: Each base model's native training size (--resolution below it gets a warning).
-NATIVE_RESOLUTION = {"SD1.5": 512, "SDXL": 1024}
 #: Options whose change would make a resumed run diverge from the interrupted one.
 RESUME_MUST_MATCH = ("data", "size", "hint_channels", "hint", "batch_size", "grad_accum", "world_size", "seed",
                      "omega", "generic_prompt_prob", "base", "mixed_precision", "condition")
@@ -226,11 +224,11 @@ class _Run:
         if info.is_main:
             log.info("%d training pairs from %s at %dx%d px (%s, %s-prediction)", len(pairs), data_label, size[1],
                      size[0], base.family, "epsilon" if base.prediction == "eps" else "v")
-            if args.resolution < NATIVE_RESOLUTION[base.family]:
+            native = base.native_resolution
+            if args.resolution < native:
                 log.warning("%s was trained at %dx%d; an adapter trained at --resolution %d steers best at that "
-                            "size. Pass --resolution %d for the native size", base.family,
-                            NATIVE_RESOLUTION[base.family], NATIVE_RESOLUTION[base.family], args.resolution,
-                            NATIVE_RESOLUTION[base.family])
+                            "size. Pass --resolution %d for the native size", base.family, native, native,
+                            args.resolution, native)
 
         # ---- cache latents, hints and text embeddings (rank 0 encodes, the others wait)
         # Only rank 0 has the VAE; everyone must compute the same cache keys.

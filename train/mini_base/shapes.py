@@ -1,17 +1,18 @@
 """The mini base's data: one random shape per picture, and its sketch.
 
-A layout is one shape (circle, square, triangle, diamond or star) at a random position, size,
-rotation and colour on black. The target image is the filled shape; the condition is its outline
+A layout is one white shape (circle, square, triangle, diamond or star) at a random position,
+size and rotation on black. The target image is the filled shape; the condition is its outline
 (light strokes on black, like the trainer's demo set and the official sketch adapters). Position and
 size vary enough that two independent layouts overlap little (mean IoU about 0.13, see
-``mean_random_iou``), so a model that ignores the sketch cannot score well by chance.
+``mean_random_iou``), so a model that ignores the sketch cannot score well by chance. Shapes are
+white because colour is what an outline does not carry: a base that must also invent a colour per
+picture learns more slowly, and the sketch could not steer that part anyway.
 
 numpy + opencv only; every draw is seeded.
 """
 
 from __future__ import annotations
 
-import colorsys
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ KINDS = ("circle", "square", "triangle", "diamond", "star")
 RADIUS_RANGE = (0.16, 0.28)
 #: Outline width in pixels at SIZE.
 STROKE = 2
+#: Every shape's colour.
+WHITE = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,7 @@ def random_layout(rng: np.random.Generator) -> Layout:
     margin = r + 0.02
     cx, cy = (float(v) for v in rng.uniform(margin, 1 - margin, size=2))
     angle = float(rng.uniform(0, 2 * math.pi))
-    # a bright, saturated colour: the shape's mask is "brighter than half its dimmest colour"
-    hue, sat, val = float(rng.uniform()), float(rng.uniform(0.5, 1.0)), float(rng.uniform(0.75, 1.0))
-    color = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, sat, val))
-    return Layout(kind, cx, cy, r, angle, color)
+    return Layout(kind, cx, cy, r, angle, WHITE)
 
 
 def random_layouts(seed: int, count: int) -> list[Layout]:
@@ -88,7 +88,7 @@ def _draw(canvas: np.ndarray, layout: Layout, color, thickness: int) -> np.ndarr
 
 
 def render_image(layout: Layout, size: int = SIZE) -> np.ndarray:
-    """The target: the filled shape in its colour on black, uint8 ``(size, size, 3)`` RGB."""
+    """The target: the filled shape in its colour (white) on black, uint8 ``(size, size, 3)`` RGB."""
     return _draw(np.zeros((size, size, 3), np.uint8), layout, layout.color, -1)
 
 
@@ -106,11 +106,12 @@ def region_mask(layout: Layout, size: int = SIZE) -> np.ndarray:
 def shape_mask(image: np.ndarray) -> np.ndarray:
     """Where a picture (uint8 RGB or float RGB in [0, 1]) shows a shape: bool ``(H, W)``.
 
-    Every shape colour has a brightest channel of at least 0.75 on a black background, so half of
-    that (0.375) separates shape from background whatever the colour.
+    Shapes are white on black: a pixel belongs to the shape where its mean brightness is over half.
+    The mean of the three channels, not their maximum, so a coloured cast over the background (what
+    a base that has not learnt the picture's mean colour draws) does not count as shape.
     """
     img = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-    return img.max(axis=-1) > 0.375
+    return img.mean(axis=-1) > 0.5
 
 
 def write_pair_folder(folder: str | Path, layouts: list[Layout], size: int = SIZE) -> Path:
