@@ -392,3 +392,16 @@ class ComfyServer:
     def free_memory(self) -> None:
         """Ask the server to unload its models and drop its cache (``/free``)."""
         self.post_json("/free", {"unload_models": True, "free_memory": True})
+
+
+def add_euler_sampler(prompt: dict, name: str, model: list, latent: list, *, seed: int, steps: int, cfg: float,
+                      positive: list = ("2", 0), negative: list = ("3", 0)) -> None:
+    """Add a KSampler (euler, normal) on ``model`` and a Save Latent of its output under ``name``
+    to an API ``prompt``: nodes ``<name>_sampler`` and ``<name>_save``."""
+    prompt[f"{name}_sampler"] = {
+        "class_type": "KSampler",
+        "inputs": {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+                   "scheduler": "normal", "positive": list(positive), "negative": list(negative),
+                   "latent_image": latent, "denoise": 1.0}}
+    prompt[f"{name}_save"] = {"class_type": "SaveLatent",
+                              "inputs": {"samples": [f"{name}_sampler", 0], "filename_prefix": name}}

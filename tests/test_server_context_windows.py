@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_server import ComfyServer
+from comfy_server import ComfyServer, add_euler_sampler
 
 SIZE, STEPS, CFG, SEED, FRAMES = 64, 2, 3.0, 7, 3
 WINDOW, OVERLAP = 2, 1
@@ -135,13 +135,7 @@ def _prompt(server: ComfyServer) -> dict:
     models = {"plain": ["1", 0], "whole": in_order, "windowed": windowed("windowed", in_order),
               "windowed_permuted": windowed("windowed_permuted", steered("permuted", PERMUTED))}
     for name, model in models.items():
-        prompt[f"{name}_sampler"] = {
-            "class_type": "KSampler",
-            "inputs": {"model": model, "seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-                       "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0],
-                       "latent_image": ["5", 0], "denoise": 1.0}}
-        prompt[f"{name}_save"] = {"class_type": "SaveLatent",
-                                  "inputs": {"samples": [f"{name}_sampler", 0], "filename_prefix": name}}
+        add_euler_sampler(prompt, name, model, ["5", 0], seed=SEED, steps=STEPS, cfg=CFG)
     return prompt
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_server import ComfyServer
+from comfy_server import ComfyServer, add_euler_sampler
 
 SIZE, STEPS, CFG, SEED = 64, 2, 3.0, 5
 #: The test-only module that adds the second CPU device (see the module docstring).
@@ -133,13 +133,7 @@ def _prompt(samplers: dict[str, list]) -> dict:
     each saving its latent under its name."""
     prompt = _loaders()
     for name, model in samplers.items():
-        prompt[f"{name}_sampler"] = {
-            "class_type": "KSampler",
-            "inputs": {"model": model, "seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-                       "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0],
-                       "latent_image": ["4", 0], "denoise": 1.0}}
-        prompt[f"{name}_save"] = {"class_type": "SaveLatent",
-                                  "inputs": {"samples": [f"{name}_sampler", 0], "filename_prefix": name}}
+        add_euler_sampler(prompt, name, model, ["4", 0], seed=SEED, steps=STEPS, cfg=CFG)
     return prompt
 
 
