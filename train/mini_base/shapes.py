@@ -6,7 +6,7 @@ size and rotation on black. The target image is the filled shape; the condition 
 size vary enough that two independent layouts overlap little (mean IoU about 0.13, see
 ``mean_random_iou``), so a model that ignores the sketch cannot score well by chance. Shapes are
 white because colour is what an outline does not carry: a base that must also invent a colour per
-picture learns more slowly, and the sketch could not steer that part anyway.
+picture has more to learn in its short training, for a part of the picture no sketch can steer.
 
 numpy + opencv only; every draw is seeded.
 """
